@@ -1,0 +1,254 @@
+//! The driver traits: what a protocol, format or filter driver implements.
+//!
+//! A driver answers requests for its own node; it reaches its children
+//! through the [`Node`] it is given (`node.child(Role::File)`), never through
+//! pointers of its own, so that graph changes stay the graph's business.
+
+use crate::buf::{IoBytes, ReadBuf};
+use crate::error::{Error, Result};
+use crate::graph::{Node, Role};
+use crate::perm::{ChildPermModel, PermPair};
+use async_trait::async_trait;
+
+/// Flags of a write request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriteFlags {
+    /// Forced unit access: the data is durable when the request completes.
+    pub fua: bool,
+}
+
+/// Flags of a write-zeroes request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ZeroFlags {
+    /// The range may be deallocated (punched) instead of written.
+    pub may_unmap: bool,
+    /// Fail with `NotSupported` rather than fall back to writing zero buffers.
+    pub no_fallback: bool,
+    pub fua: bool,
+}
+
+/// What one layer knows about the start of a range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DriverStatus {
+    /// Allocated here and holds data; `offset` is where it lies in this
+    /// node's `file` child, when the driver can tell.
+    Data { len: u64, offset: Option<u64> },
+    /// Allocated here and reads as zeroes.
+    Zero { len: u64, offset: Option<u64> },
+    /// Not allocated in this layer: the backing child (or zeroes) shows.
+    Unallocated { len: u64 },
+    /// This layer is transparent here: ask `child` at `offset` (raw, filters).
+    Passthrough { len: u64, child: Role, offset: u64 },
+}
+
+impl DriverStatus {
+    pub fn len(&self) -> u64 {
+        match *self {
+            DriverStatus::Data { len, .. }
+            | DriverStatus::Zero { len, .. }
+            | DriverStatus::Unallocated { len }
+            | DriverStatus::Passthrough { len, .. } => len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Events a driver raises on a child edge for `blkdebug` to act on. The
+/// names are QEMU's (`BlkdebugEvent`), so blkdebug configs and qemu-io
+/// `break` commands carry over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DebugEvent {
+    L1Update,
+    L1GrowAllocTable,
+    L1GrowWriteTable,
+    L1GrowActivateTable,
+    L2Load,
+    L2Update,
+    L2UpdateCompressed,
+    L2AllocCowRead,
+    L2AllocWrite,
+    ReadAio,
+    ReadBackingAio,
+    ReadCompressed,
+    WriteAio,
+    WriteCompressed,
+    VmstateLoad,
+    VmstateSave,
+    CowRead,
+    CowWrite,
+    ReftableLoad,
+    ReftableGrow,
+    ReftableUpdate,
+    RefblockLoad,
+    RefblockUpdate,
+    RefblockUpdatePart,
+    RefblockAlloc,
+    RefblockAllocHookup,
+    RefblockAllocWrite,
+    RefblockAllocWriteBlocks,
+    RefblockAllocWriteTable,
+    RefblockAllocSwitchTable,
+    ClusterAlloc,
+    ClusterAllocBytes,
+    ClusterFree,
+    FlushToOs,
+    FlushToDisk,
+    PwritevRmwHead,
+    PwritevRmwAfterHead,
+    PwritevRmwTail,
+    PwritevRmwAfterTail,
+    Pwritev,
+    PwritevZero,
+    PwritevDone,
+    EmptyImagePrepare,
+    L1ShrinkWriteTable,
+    L1ShrinkFreeL2Clusters,
+    CorWrite,
+    ClusterAllocSpace,
+    None,
+}
+
+impl DebugEvent {
+    /// Every event with its QEMU name.
+    pub const ALL: &'static [(DebugEvent, &'static str)] = &[
+        (DebugEvent::L1Update, "l1_update"),
+        (DebugEvent::L1GrowAllocTable, "l1_grow_alloc_table"),
+        (DebugEvent::L1GrowWriteTable, "l1_grow_write_table"),
+        (DebugEvent::L1GrowActivateTable, "l1_grow_activate_table"),
+        (DebugEvent::L2Load, "l2_load"),
+        (DebugEvent::L2Update, "l2_update"),
+        (DebugEvent::L2UpdateCompressed, "l2_update_compressed"),
+        (DebugEvent::L2AllocCowRead, "l2_alloc_cow_read"),
+        (DebugEvent::L2AllocWrite, "l2_alloc_write"),
+        (DebugEvent::ReadAio, "read_aio"),
+        (DebugEvent::ReadBackingAio, "read_backing_aio"),
+        (DebugEvent::ReadCompressed, "read_compressed"),
+        (DebugEvent::WriteAio, "write_aio"),
+        (DebugEvent::WriteCompressed, "write_compressed"),
+        (DebugEvent::VmstateLoad, "vmstate_load"),
+        (DebugEvent::VmstateSave, "vmstate_save"),
+        (DebugEvent::CowRead, "cow_read"),
+        (DebugEvent::CowWrite, "cow_write"),
+        (DebugEvent::ReftableLoad, "reftable_load"),
+        (DebugEvent::ReftableGrow, "reftable_grow"),
+        (DebugEvent::ReftableUpdate, "reftable_update"),
+        (DebugEvent::RefblockLoad, "refblock_load"),
+        (DebugEvent::RefblockUpdate, "refblock_update"),
+        (DebugEvent::RefblockUpdatePart, "refblock_update_part"),
+        (DebugEvent::RefblockAlloc, "refblock_alloc"),
+        (DebugEvent::RefblockAllocHookup, "refblock_alloc_hookup"),
+        (DebugEvent::RefblockAllocWrite, "refblock_alloc_write"),
+        (DebugEvent::RefblockAllocWriteBlocks, "refblock_alloc_write_blocks"),
+        (DebugEvent::RefblockAllocWriteTable, "refblock_alloc_write_table"),
+        (DebugEvent::RefblockAllocSwitchTable, "refblock_alloc_switch_table"),
+        (DebugEvent::ClusterAlloc, "cluster_alloc"),
+        (DebugEvent::ClusterAllocBytes, "cluster_alloc_bytes"),
+        (DebugEvent::ClusterFree, "cluster_free"),
+        (DebugEvent::FlushToOs, "flush_to_os"),
+        (DebugEvent::FlushToDisk, "flush_to_disk"),
+        (DebugEvent::PwritevRmwHead, "pwritev_rmw_head"),
+        (DebugEvent::PwritevRmwAfterHead, "pwritev_rmw_after_head"),
+        (DebugEvent::PwritevRmwTail, "pwritev_rmw_tail"),
+        (DebugEvent::PwritevRmwAfterTail, "pwritev_rmw_after_tail"),
+        (DebugEvent::Pwritev, "pwritev"),
+        (DebugEvent::PwritevZero, "pwritev_zero"),
+        (DebugEvent::PwritevDone, "pwritev_done"),
+        (DebugEvent::EmptyImagePrepare, "empty_image_prepare"),
+        (DebugEvent::L1ShrinkWriteTable, "l1_shrink_write_table"),
+        (DebugEvent::L1ShrinkFreeL2Clusters, "l1_shrink_free_l2_clusters"),
+        (DebugEvent::CorWrite, "cor_write"),
+        (DebugEvent::ClusterAllocSpace, "cluster_alloc_space"),
+        (DebugEvent::None, "none"),
+    ];
+
+    pub fn name(self) -> &'static str {
+        DebugEvent::ALL
+            .iter()
+            .find(|(e, _)| *e == self)
+            .map(|(_, n)| *n)
+            .unwrap_or("none")
+    }
+
+    pub fn from_name(name: &str) -> Option<DebugEvent> {
+        DebugEvent::ALL
+            .iter()
+            .find(|(_, n)| *n == name)
+            .map(|(e, _)| *e)
+    }
+}
+
+/// A block driver instance: the behaviour of one node.
+///
+/// Requests arrive already range-checked, aligned to
+/// [`BlockDriver::request_alignment`] and accounted as in flight on `node`.
+#[async_trait]
+pub trait BlockDriver: Send + Sync + 'static {
+    /// QEMU's driver name: `file`, `raw`, `null-co`, `blkdebug`, ...
+    fn driver_name(&self) -> &'static str;
+
+    /// Requests reach the driver aligned to this many bytes.
+    fn request_alignment(&self) -> u32 {
+        1
+    }
+
+    /// A filter has one `file` or `filtered` child whose contents it shows.
+    fn is_filter(&self) -> bool {
+        false
+    }
+
+    /// Whether the node may have a `backing` child.
+    fn supports_backing(&self) -> bool {
+        false
+    }
+
+    /// The permissions this node needs on a child, given its parents' needs.
+    fn child_perm(&self, role: Role, parents: PermPair, node_writable: bool) -> PermPair {
+        ChildPermModel::for_role(role, self.is_filter()).child_perm(parents, node_writable)
+    }
+
+    /// The image file this node stands for, if any (`qemu-img info`'s filename).
+    fn filename(&self) -> Option<String> {
+        None
+    }
+
+    async fn read(&self, node: &Node, offset: u64, buf: ReadBuf<'_>) -> Result<()>;
+
+    async fn write(&self, node: &Node, offset: u64, buf: IoBytes, flags: WriteFlags) -> Result<()>;
+
+    /// Efficient zeroing. The default says the driver cannot; the node then
+    /// writes zero buffers unless `no_fallback` is set.
+    async fn write_zeroes(&self, node: &Node, _offset: u64, _len: u64, _flags: ZeroFlags) -> Result<()> {
+        Err(Error::NotSupported {
+            node: node.name().to_string(),
+            driver: self.driver_name(),
+            what: "efficient write-zeroes",
+        })
+    }
+
+    /// Discard is advisory: the default does nothing.
+    async fn discard(&self, _node: &Node, _offset: u64, _len: u64) -> Result<()> {
+        Ok(())
+    }
+
+    async fn flush(&self, node: &Node) -> Result<()>;
+
+    /// What this layer knows about `[offset, offset + len)`; the answer may
+    /// cover less than `len` but at least one byte.
+    async fn block_status(&self, node: &Node, offset: u64, len: u64) -> Result<DriverStatus>;
+
+    /// Whether this driver reacts to debug events (only `blkdebug` does).
+    fn handles_debug_events(&self) -> bool {
+        false
+    }
+
+    /// A parent raised `event` on the edge to this node. `blkdebug` may park
+    /// the calling request here until a test resumes it.
+    async fn debug_event(&self, _node: &Node, _event: DebugEvent) {}
+
+    /// Called once when the node leaves the graph, after its children are
+    /// detached and no request is in flight.
+    fn close(&self) {}
+}

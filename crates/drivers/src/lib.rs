@@ -1,0 +1,3 @@
+//! sluice-drivers: protocol, format and filter drivers.
+
+pub mod protocol;

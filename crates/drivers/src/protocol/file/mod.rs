@@ -1,0 +1,1 @@
+//! The `file` protocol driver (being written).

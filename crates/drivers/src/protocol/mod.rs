@@ -1,0 +1,3 @@
+//! Protocol drivers: where bytes finally live.
+
+pub mod file;
