@@ -1,1 +1,51 @@
-fn main() {}
+//! `sluice`: one binary for QEMU's storage tools.
+//!
+//! * `sluice img ...` — qemu-img work-alike (now: `bench`);
+//! * `sluice demo` — the built-in default: an in-memory backing chain under
+//!   guest I/O, shortened live by a drained graph change.
+
+mod demo;
+mod img;
+mod size;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "sluice",
+    version,
+    about = "A block layer and storage daemon: qemu-img, qemu-io and qemu-storage-daemon work-alikes"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// qemu-img work-alike.
+    Img {
+        #[command(subcommand)]
+        command: img::ImgCommand,
+    },
+    /// Runs guest I/O on a built-in in-memory chain while the chain is
+    /// shortened live, and reports what happened (no files needed).
+    Demo(demo::DemoArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (tool, result) = match cli.command {
+        Command::Img { command } => ("qemu-img", img::run(command)),
+        Command::Demo(args) => ("sluice demo", demo::run(args)),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            let _ = tool;
+            eprintln!("sluice: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -238,7 +238,10 @@ impl IoBytes {
 
     /// A sub-range sharing the same allocation.
     pub fn slice(&self, range: Range<usize>) -> IoBytes {
-        assert!(range.start <= range.end && range.end <= self.len, "IoBytes::slice out of range");
+        assert!(
+            range.start <= range.end && range.end <= self.len,
+            "IoBytes::slice out of range"
+        );
         IoBytes {
             alloc: self.alloc.clone(),
             start: self.start + range.start,

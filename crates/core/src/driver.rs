@@ -15,6 +15,10 @@ use async_trait::async_trait;
 pub struct WriteFlags {
     /// Forced unit access: the data is durable when the request completes.
     pub fua: bool,
+    /// A copy-on-read copy-up: the data is what the layers below already
+    /// show. Drivers with allocation write it only where this layer is
+    /// still unallocated, so a guest write that landed meanwhile wins.
+    pub copy_on_read: bool,
 }
 
 /// Flags of a write-zeroes request.
@@ -141,9 +145,18 @@ impl DebugEvent {
         (DebugEvent::RefblockAlloc, "refblock_alloc"),
         (DebugEvent::RefblockAllocHookup, "refblock_alloc_hookup"),
         (DebugEvent::RefblockAllocWrite, "refblock_alloc_write"),
-        (DebugEvent::RefblockAllocWriteBlocks, "refblock_alloc_write_blocks"),
-        (DebugEvent::RefblockAllocWriteTable, "refblock_alloc_write_table"),
-        (DebugEvent::RefblockAllocSwitchTable, "refblock_alloc_switch_table"),
+        (
+            DebugEvent::RefblockAllocWriteBlocks,
+            "refblock_alloc_write_blocks",
+        ),
+        (
+            DebugEvent::RefblockAllocWriteTable,
+            "refblock_alloc_write_table",
+        ),
+        (
+            DebugEvent::RefblockAllocSwitchTable,
+            "refblock_alloc_switch_table",
+        ),
         (DebugEvent::ClusterAlloc, "cluster_alloc"),
         (DebugEvent::ClusterAllocBytes, "cluster_alloc_bytes"),
         (DebugEvent::ClusterFree, "cluster_free"),
@@ -158,7 +171,10 @@ impl DebugEvent {
         (DebugEvent::PwritevDone, "pwritev_done"),
         (DebugEvent::EmptyImagePrepare, "empty_image_prepare"),
         (DebugEvent::L1ShrinkWriteTable, "l1_shrink_write_table"),
-        (DebugEvent::L1ShrinkFreeL2Clusters, "l1_shrink_free_l2_clusters"),
+        (
+            DebugEvent::L1ShrinkFreeL2Clusters,
+            "l1_shrink_free_l2_clusters",
+        ),
         (DebugEvent::CorWrite, "cor_write"),
         (DebugEvent::ClusterAllocSpace, "cluster_alloc_space"),
         (DebugEvent::None, "none"),
@@ -220,7 +236,13 @@ pub trait BlockDriver: Send + Sync + 'static {
 
     /// Efficient zeroing. The default says the driver cannot; the node then
     /// writes zero buffers unless `no_fallback` is set.
-    async fn write_zeroes(&self, node: &Node, _offset: u64, _len: u64, _flags: ZeroFlags) -> Result<()> {
+    async fn write_zeroes(
+        &self,
+        node: &Node,
+        _offset: u64,
+        _len: u64,
+        _flags: ZeroFlags,
+    ) -> Result<()> {
         Err(Error::NotSupported {
             node: node.name().to_string(),
             driver: self.driver_name(),
@@ -248,7 +270,50 @@ pub trait BlockDriver: Send + Sync + 'static {
     /// the calling request here until a test resumes it.
     async fn debug_event(&self, _node: &Node, _event: DebugEvent) {}
 
+    /// The breakpoint controls of a debugging driver (blkdebug), if this is one.
+    fn debug_control(&self) -> Option<&dyn DebugControl> {
+        None
+    }
+
     /// Called once when the node leaves the graph, after its children are
     /// detached and no request is in flight.
     fn close(&self) {}
+}
+
+/// Breakpoints on debug events, as qemu-io's `break`, `wait_break`, `resume`
+/// and `remove_break` commands drive them. A breakpoint is one-shot: the
+/// first request that raises `event` is parked under `tag`.
+#[async_trait]
+pub trait DebugControl: Send + Sync {
+    fn set_breakpoint(&self, event: DebugEvent, tag: &str) -> Result<()>;
+    /// Removes breakpoints with `tag` and resumes requests parked under it.
+    fn remove_breakpoint(&self, tag: &str) -> Result<()>;
+    /// Resumes the requests parked under `tag`; an error if there are none.
+    fn resume(&self, tag: &str) -> Result<()>;
+    fn is_suspended(&self, tag: &str) -> bool;
+    /// Resolves once a request is parked under `tag`.
+    async fn wait_suspended(&self, tag: &str);
+}
+
+/// Finds the first debug control at or below `node`, following `file`,
+/// `filtered` and `backing` children in that order, as QEMU's
+/// `bdrv_debug_breakpoint` does.
+pub fn find_debug_control(node: &std::sync::Arc<Node>) -> Option<std::sync::Arc<Node>> {
+    let mut stack = vec![node.clone()];
+    let mut seen = 0;
+    while let Some(n) = stack.pop() {
+        seen += 1;
+        if seen > 4096 {
+            return None;
+        }
+        if n.driver().debug_control().is_some() {
+            return Some(n);
+        }
+        for role in [Role::Backing, Role::Filtered, Role::File] {
+            if let Some(c) = n.child(role) {
+                stack.push(c);
+            }
+        }
+    }
+    None
 }

@@ -16,7 +16,9 @@ pub enum Error {
     #[error("Cannot find node '{name}'")]
     NodeNotFound { name: String },
 
-    #[error("{node}: request at offset {offset} length {len} is past the end of the {size}-byte node")]
+    #[error(
+        "{node}: request at offset {offset} length {len} is past the end of the {size}-byte node"
+    )]
     OutOfRange {
         node: String,
         offset: u64,

@@ -20,9 +20,13 @@ pub mod status;
 
 pub use buf::{IoBuf, IoBytes, ReadBuf};
 pub use drain::{DrainProof, Drained, DrainedAll};
-pub use driver::{BlockDriver, DebugEvent, DriverStatus, WriteFlags, ZeroFlags};
+pub use driver::{
+    find_debug_control, BlockDriver, DebugControl, DebugEvent, DriverStatus, WriteFlags, ZeroFlags,
+};
 pub use error::{Error, Result};
-pub use graph::{Edge, Graph, GraphSnapshot, GraphWriter, Node, NodeSpec, Parent, Role, Root, Transaction};
+pub use graph::{
+    Edge, Graph, GraphSnapshot, GraphWriter, Node, NodeSpec, Parent, Role, Root, Transaction,
+};
 pub use name::NodeName;
 pub use perm::{Perm, PermPair};
 pub use status::Extent;

@@ -25,9 +25,7 @@ impl NodeName {
         let mut chars = name.chars();
         match chars.next() {
             None => return bad("it is empty"),
-            Some(c) if !c.is_ascii_alphabetic() => {
-                return bad("it must start with a letter")
-            }
+            Some(c) if !c.is_ascii_alphabetic() => return bad("it must start with a letter"),
             _ => {}
         }
         if name.len() > MAX_NODE_NAME_LEN {
@@ -79,7 +77,16 @@ mod tests {
 
     #[test]
     fn refuses_bad_names_with_a_reason() {
-        for bad in ["", "0abc", "-a", "#block1", "a b", "a/b", "é", &"a".repeat(32)] {
+        for bad in [
+            "",
+            "0abc",
+            "-a",
+            "#block1",
+            "a b",
+            "a/b",
+            "é",
+            &"a".repeat(32),
+        ] {
             let e = NodeName::new(bad).unwrap_err();
             assert!(e.to_string().contains("Invalid node-name"), "{bad}: {e}");
         }

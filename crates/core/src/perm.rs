@@ -63,7 +63,10 @@ impl PermPair {
 
     /// A reader that lets others write unchanged data only.
     pub fn reader() -> PermPair {
-        PermPair::new(Perm::CONSISTENT_READ, Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED)
+        PermPair::new(
+            Perm::CONSISTENT_READ,
+            Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
+        )
     }
 
     /// A guest-style writer: one writer at a time, others may read.
@@ -105,7 +108,11 @@ impl ChildPermModel {
             ChildPermModel::Filter => parents,
             ChildPermModel::Storage => {
                 let mut perm = parents.perm | Perm::CONSISTENT_READ;
-                if node_writable && parents.perm.intersects(Perm::WRITE | Perm::WRITE_UNCHANGED | Perm::RESIZE) {
+                if node_writable
+                    && parents
+                        .perm
+                        .intersects(Perm::WRITE | Perm::WRITE_UNCHANGED | Perm::RESIZE)
+                {
                     perm |= Perm::WRITE | Perm::RESIZE;
                 }
                 let shared =
@@ -147,7 +154,9 @@ mod tests {
     #[test]
     fn storage_of_a_writable_format_takes_write_and_resize() {
         let p = ChildPermModel::Storage.child_perm(PermPair::writer(), true);
-        assert!(p.perm.contains(Perm::WRITE | Perm::RESIZE | Perm::CONSISTENT_READ));
+        assert!(p
+            .perm
+            .contains(Perm::WRITE | Perm::RESIZE | Perm::CONSISTENT_READ));
         assert!(!p.shared.intersects(Perm::WRITE | Perm::RESIZE));
         let ro = ChildPermModel::Storage.child_perm(PermPair::reader(), true);
         assert!(!ro.perm.contains(Perm::WRITE));

@@ -30,10 +30,22 @@ pub enum IoKind {
 impl IoStats {
     pub(crate) fn account(&self, kind: IoKind, bytes: u64, ok: bool) {
         let (ops, by, failed) = match kind {
-            IoKind::Read => (&self.rd_operations, Some(&self.rd_bytes), &self.failed_rd_operations),
-            IoKind::Write => (&self.wr_operations, Some(&self.wr_bytes), &self.failed_wr_operations),
+            IoKind::Read => (
+                &self.rd_operations,
+                Some(&self.rd_bytes),
+                &self.failed_rd_operations,
+            ),
+            IoKind::Write => (
+                &self.wr_operations,
+                Some(&self.wr_bytes),
+                &self.failed_wr_operations,
+            ),
             IoKind::Flush => (&self.flush_operations, None, &self.failed_flush_operations),
-            IoKind::Unmap => (&self.unmap_operations, Some(&self.unmap_bytes), &self.failed_unmap_operations),
+            IoKind::Unmap => (
+                &self.unmap_operations,
+                Some(&self.unmap_bytes),
+                &self.failed_unmap_operations,
+            ),
         };
         if ok {
             ops.fetch_add(1, Relaxed);

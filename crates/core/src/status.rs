@@ -69,9 +69,17 @@ pub async fn block_status_chain(node: &Arc<Node>, offset: u64, len: u64) -> Resu
                     }
                 }
             }
-            DriverStatus::Passthrough { len: l, child, offset: o } => {
+            DriverStatus::Passthrough {
+                len: l,
+                child,
+                offset: o,
+            } => {
                 let next = cur.child(child).ok_or_else(|| {
-                    Error::Other(format!("{}: block status refers to a missing '{}' child", cur.name(), child))
+                    Error::Other(format!(
+                        "{}: block status refers to a missing '{}' child",
+                        cur.name(),
+                        child
+                    ))
                 })?;
                 cur = next;
                 off = o;
@@ -96,7 +104,10 @@ pub async fn block_status_chain(node: &Arc<Node>, offset: u64, len: u64) -> Resu
             file_node,
         });
     }
-    Err(Error::Other(format!("{}: block status walk did not end", node.name())))
+    Err(Error::Other(format!(
+        "{}: block status walk did not end",
+        node.name()
+    )))
 }
 
 /// All extents of `[offset, offset + len)`, merged where adjacent runs agree.

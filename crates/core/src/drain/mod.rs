@@ -20,7 +20,7 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 
 /// Evidence that a drained section is in force for some part of the graph.
-pub trait DrainProof {
+pub trait DrainProof: Send + Sync {
     /// Whether no request can be inside `node` while this proof lives.
     fn covers(&self, node: &Arc<Node>) -> bool;
     /// For messages: what was drained.

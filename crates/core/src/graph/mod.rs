@@ -58,7 +58,9 @@ impl Graph {
             .iter()
             .find(|(n, _)| n.as_str() == name)
             .map(|(_, node)| node.clone())
-            .ok_or_else(|| Error::NodeNotFound { name: name.to_string() })
+            .ok_or_else(|| Error::NodeNotFound {
+                name: name.to_string(),
+            })
     }
 
     /// Every node, ordered by name.
@@ -128,7 +130,13 @@ impl<'g> GraphWriter<'g> {
 
     /// Attaches a root (an export, job or tool) to `node` with `perm`.
     /// `kind` names the user in messages ("block device", "export").
-    pub async fn add_root(&self, kind: &str, name: &str, node: &Arc<Node>, perm: PermPair) -> Result<Root> {
+    pub async fn add_root(
+        &self,
+        kind: &str,
+        name: &str,
+        node: &Arc<Node>,
+        perm: PermPair,
+    ) -> Result<Root> {
         let mut tx = self.transaction();
         let root = tx.add_root(kind, name, node, perm)?;
         tx.commit().await?;
@@ -137,21 +145,66 @@ impl<'g> GraphWriter<'g> {
     }
 
     /// Sets (or with `None` removes) `node`'s backing child.
-    pub async fn set_backing(&self, proof: &dyn DrainProof, node: &Arc<Node>, backing: Option<&Arc<Node>>) -> Result<()> {
+    ///
+    /// The drained-section guard is part of the signature:
+    ///
+    /// ```no_run
+    /// # async fn f(g: &sluice_core::Graph, top: &std::sync::Arc<sluice_core::Node>) -> sluice_core::Result<()> {
+    /// let w = g.writer().await;
+    /// let drained = w.drain(top).await;
+    /// w.set_backing(&drained, top, None).await
+    /// # }
+    /// ```
+    ///
+    /// and a change without one does not compile:
+    ///
+    /// ```compile_fail
+    /// # async fn f(g: &sluice_core::Graph, top: &std::sync::Arc<sluice_core::Node>) -> sluice_core::Result<()> {
+    /// let w = g.writer().await;
+    /// w.set_backing(top, None).await
+    /// # }
+    /// ```
+    ///
+    /// nor can a guard outlive the writer lock it was taken under:
+    ///
+    /// ```compile_fail
+    /// # async fn f(g: &sluice_core::Graph, top: &std::sync::Arc<sluice_core::Node>) {
+    /// let drained = {
+    ///     let w = g.writer().await;
+    ///     w.drain(top).await
+    /// };
+    /// # }
+    /// ```
+    pub async fn set_backing(
+        &self,
+        proof: &dyn DrainProof,
+        node: &Arc<Node>,
+        backing: Option<&Arc<Node>>,
+    ) -> Result<()> {
         let mut tx = self.transaction();
         tx.set_backing(proof, node, backing)?;
         tx.commit().await
     }
 
     /// Replaces `from` by `to` in every parent of `from`.
-    pub async fn replace_node(&self, proof: &dyn DrainProof, from: &Arc<Node>, to: &Arc<Node>) -> Result<()> {
+    pub async fn replace_node(
+        &self,
+        proof: &dyn DrainProof,
+        from: &Arc<Node>,
+        to: &Arc<Node>,
+    ) -> Result<()> {
         let mut tx = self.transaction();
         tx.replace_node(proof, from, to)?;
         tx.commit().await
     }
 
     /// Puts `filter` (whose filtered child is `below`) above `below`.
-    pub async fn insert_filter(&self, proof: &dyn DrainProof, below: &Arc<Node>, filter: &Arc<Node>) -> Result<()> {
+    pub async fn insert_filter(
+        &self,
+        proof: &dyn DrainProof,
+        below: &Arc<Node>,
+        filter: &Arc<Node>,
+    ) -> Result<()> {
         let mut tx = self.transaction();
         tx.insert_filter(proof, below, filter)?;
         tx.commit().await

@@ -164,10 +164,19 @@ impl fmt::Debug for Node {
 }
 
 impl Node {
-    pub(crate) fn new(spec_name: NodeName, driver: Box<dyn BlockDriver>, size: u64, read_only: bool, implicit: bool) -> Arc<Node> {
+    pub(crate) fn new(
+        spec_name: NodeName,
+        driver: Box<dyn BlockDriver>,
+        size: u64,
+        read_only: bool,
+        implicit: bool,
+    ) -> Arc<Node> {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         let align = u64::from(driver.request_alignment().max(1));
-        assert!(align.is_power_of_two(), "request alignment must be a power of two");
+        assert!(
+            align.is_power_of_two(),
+            "request alignment must be a power of two"
+        );
         Arc::new(Node {
             id: NEXT_ID.fetch_add(1, SeqCst),
             name: spec_name,
@@ -252,7 +261,11 @@ impl Node {
 
     /// The child edge in `role`.
     pub fn child_edge(&self, role: Role) -> Option<Arc<Edge>> {
-        self.children.load().iter().find(|e| e.role == role).cloned()
+        self.children
+            .load()
+            .iter()
+            .find(|e| e.role == role)
+            .cloned()
     }
 
     /// All child edges, in attach order.
@@ -262,7 +275,11 @@ impl Node {
 
     /// All edges whose child is this node.
     pub fn parents(&self) -> Vec<Arc<Edge>> {
-        self.parents.lock().iter().filter_map(Weak::upgrade).collect()
+        self.parents
+            .lock()
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect()
     }
 
     /// The child a filter shows (its `filtered` or `file` child).
@@ -270,7 +287,8 @@ impl Node {
         if !self.driver.is_filter() {
             return None;
         }
-        self.child(Role::Filtered).or_else(|| self.child(Role::File))
+        self.child(Role::Filtered)
+            .or_else(|| self.child(Role::File))
     }
 
     pub(crate) fn mark_closed(&self) {
@@ -290,7 +308,10 @@ impl Node {
     /// Range checks every request passes before reaching a driver.
     pub fn check_request(&self, offset: u64, len: u64) -> Result<()> {
         if len == 0 {
-            return Err(Error::invalid_request(self.name(), format!("zero-length request at offset {offset}")));
+            return Err(Error::invalid_request(
+                self.name(),
+                format!("zero-length request at offset {offset}"),
+            ));
         }
         if len > MAX_REQUEST_BYTES {
             return Err(Error::invalid_request(
@@ -300,7 +321,10 @@ impl Node {
         }
         let size = self.size();
         match offset.checked_add(len) {
-            None => Err(Error::invalid_request(self.name(), format!("offset {offset} + length {len} overflows"))),
+            None => Err(Error::invalid_request(
+                self.name(),
+                format!("offset {offset} + length {len} overflows"),
+            )),
             Some(end) if end > size => Err(Error::OutOfRange {
                 node: self.name().to_string(),
                 offset,
@@ -422,12 +446,16 @@ impl Node {
                 what: "unaligned write-zeroes without fallback",
             });
         }
-        let wflags = WriteFlags { fua: flags.fua };
+        let wflags = WriteFlags {
+            fua: flags.fua,
+            ..WriteFlags::default()
+        };
         let zeroes = IoBuf::zeroed(len.min(ZERO_FALLBACK_CHUNK) as usize).freeze();
         let mut pos = offset;
         while pos < offset + len {
             let n = (offset + len - pos).min(ZERO_FALLBACK_CHUNK);
-            self.write_inner(pos, zeroes.slice(0..n as usize), wflags).await?;
+            self.write_inner(pos, zeroes.slice(0..n as usize), wflags)
+                .await?;
             pos += n;
         }
         Ok(())
@@ -490,8 +518,14 @@ impl Node {
 
 fn clip_status(st: DriverStatus, max: u64) -> DriverStatus {
     match st {
-        DriverStatus::Data { len, offset } => DriverStatus::Data { len: len.min(max), offset },
-        DriverStatus::Zero { len, offset } => DriverStatus::Zero { len: len.min(max), offset },
+        DriverStatus::Data { len, offset } => DriverStatus::Data {
+            len: len.min(max),
+            offset,
+        },
+        DriverStatus::Zero { len, offset } => DriverStatus::Zero {
+            len: len.min(max),
+            offset,
+        },
         DriverStatus::Unallocated { len } => DriverStatus::Unallocated { len: len.min(max) },
         DriverStatus::Passthrough { len, child, offset } => DriverStatus::Passthrough {
             len: len.min(max),

@@ -77,7 +77,12 @@ impl Root {
         } else {
             Err(Error::InvalidRequest {
                 node: self.node().name().to_string(),
-                reason: format!("{op} through {} '{}', which did not take the '{}' permission", self.inner.kind, self.inner.name, perm.name()),
+                reason: format!(
+                    "{op} through {} '{}', which did not take the '{}' permission",
+                    self.inner.kind,
+                    self.inner.name,
+                    perm.name()
+                ),
             })
         }
     }

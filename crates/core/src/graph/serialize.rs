@@ -20,7 +20,9 @@ pub(crate) struct RangeGuard<'a> {
 impl RangeLocks {
     /// Waits until no held range overlaps `[start, end)`, then holds it.
     pub(crate) async fn lock(&self, start: u64, end: u64) -> RangeGuard<'_> {
-        let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         loop {
             let notified = self.released.notified();
             tokio::pin!(notified);

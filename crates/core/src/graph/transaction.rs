@@ -80,7 +80,10 @@ impl<'w, 'g> Transaction<'w, 'g> {
     fn link(&mut self, edge: Arc<Edge>) -> Result<()> {
         self.step()?;
         let prev_root_edge = links::link(&edge);
-        self.undo.push(Undo::Linked { edge, prev_root_edge });
+        self.undo.push(Undo::Linked {
+            edge,
+            prev_root_edge,
+        });
         Ok(())
     }
 
@@ -133,7 +136,12 @@ impl<'w, 'g> Transaction<'w, 'g> {
     }
 
     fn new_edge(parent: &Arc<Node>, role: Role, child: &Arc<Node>) -> Arc<Edge> {
-        Edge::new(Parent::Node(Arc::downgrade(parent)), role, child.clone(), PermPair::NONE_ALL_SHARED)
+        Edge::new(
+            Parent::Node(Arc::downgrade(parent)),
+            role,
+            child.clone(),
+            PermPair::NONE_ALL_SHARED,
+        )
     }
 
     fn check_no_cycle(parent: &Arc<Node>, child: &Arc<Node>) -> Result<()> {
@@ -155,7 +163,11 @@ impl<'w, 'g> Transaction<'w, 'g> {
         self.register(&node)?;
         for (role, child) in &spec.children {
             if node.child(*role).is_some() {
-                return Err(Error::GraphChange(format!("node '{}' already has a '{}' child", node.name(), role)));
+                return Err(Error::GraphChange(format!(
+                    "node '{}' already has a '{}' child",
+                    node.name(),
+                    role
+                )));
             }
             if child.is_closed() {
                 return Err(Error::NodeClosed {
@@ -168,7 +180,13 @@ impl<'w, 'g> Transaction<'w, 'g> {
     }
 
     /// Attaches a root to `node`.
-    pub fn add_root(&mut self, kind: &str, name: &str, node: &Arc<Node>, perm: PermPair) -> Result<Root> {
+    pub fn add_root(
+        &mut self,
+        kind: &str,
+        name: &str,
+        node: &Arc<Node>,
+        perm: PermPair,
+    ) -> Result<Root> {
         if node.is_closed() {
             return Err(Error::NodeClosed {
                 node: node.name().to_string(),
@@ -187,38 +205,64 @@ impl<'w, 'g> Transaction<'w, 'g> {
     }
 
     /// Attaches `child` to `parent` in `role`.
-    pub fn attach_child(&mut self, proof: &dyn DrainProof, parent: &Arc<Node>, role: Role, child: &Arc<Node>) -> Result<()> {
+    pub fn attach_child(
+        &mut self,
+        proof: &dyn DrainProof,
+        parent: &Arc<Node>,
+        role: Role,
+        child: &Arc<Node>,
+    ) -> Result<()> {
         self.require(proof, parent)?;
         if parent.child(role).is_some() {
-            return Err(Error::GraphChange(format!("node '{}' already has a '{}' child", parent.name(), role)));
+            return Err(Error::GraphChange(format!(
+                "node '{}' already has a '{}' child",
+                parent.name(),
+                role
+            )));
         }
         Self::check_no_cycle(parent, child)?;
         self.link(Self::new_edge(parent, role, child))
     }
 
     /// Detaches `parent`'s child in `role`.
-    pub fn detach_child(&mut self, proof: &dyn DrainProof, parent: &Arc<Node>, role: Role) -> Result<()> {
+    pub fn detach_child(
+        &mut self,
+        proof: &dyn DrainProof,
+        parent: &Arc<Node>,
+        role: Role,
+    ) -> Result<()> {
         self.require(proof, parent)?;
-        let edge = parent
-            .child_edge(role)
-            .ok_or_else(|| Error::GraphChange(format!("node '{}' has no '{}' child", parent.name(), role)))?;
+        let edge = parent.child_edge(role).ok_or_else(|| {
+            Error::GraphChange(format!("node '{}' has no '{}' child", parent.name(), role))
+        })?;
         self.unlink(&edge)
     }
 
     /// Replaces `parent`'s child in `role` by `child`.
-    pub fn replace_child(&mut self, proof: &dyn DrainProof, parent: &Arc<Node>, role: Role, child: &Arc<Node>) -> Result<()> {
+    pub fn replace_child(
+        &mut self,
+        proof: &dyn DrainProof,
+        parent: &Arc<Node>,
+        role: Role,
+        child: &Arc<Node>,
+    ) -> Result<()> {
         self.require(proof, parent)?;
         Self::check_no_cycle(parent, child)?;
-        let old = parent
-            .child_edge(role)
-            .ok_or_else(|| Error::GraphChange(format!("node '{}' has no '{}' child", parent.name(), role)))?;
+        let old = parent.child_edge(role).ok_or_else(|| {
+            Error::GraphChange(format!("node '{}' has no '{}' child", parent.name(), role))
+        })?;
         self.unlink(&old)?;
         self.link(Self::new_edge(parent, role, child))
     }
 
     /// Sets `node`'s backing child to `backing`, or removes it with `None`
     /// (QEMU's `bdrv_set_backing_hd`).
-    pub fn set_backing(&mut self, proof: &dyn DrainProof, node: &Arc<Node>, backing: Option<&Arc<Node>>) -> Result<()> {
+    pub fn set_backing(
+        &mut self,
+        proof: &dyn DrainProof,
+        node: &Arc<Node>,
+        backing: Option<&Arc<Node>>,
+    ) -> Result<()> {
         self.require(proof, node)?;
         if !node.driver().supports_backing() {
             return Err(Error::NotSupported {
@@ -238,7 +282,13 @@ impl<'w, 'g> Transaction<'w, 'g> {
 
     /// Moves every parent of `from` (nodes and roots) over to `to`, except
     /// edges coming from `to` itself or from `skip` (a filter above `from`).
-    fn move_parents(&mut self, proof: &dyn DrainProof, from: &Arc<Node>, to: &Arc<Node>, skip: Option<&Arc<Node>>) -> Result<()> {
+    fn move_parents(
+        &mut self,
+        proof: &dyn DrainProof,
+        from: &Arc<Node>,
+        to: &Arc<Node>,
+        skip: Option<&Arc<Node>>,
+    ) -> Result<()> {
         for edge in from.parents() {
             match &edge.parent {
                 Parent::Node(p) => {
@@ -257,7 +307,12 @@ impl<'w, 'g> Transaction<'w, 'g> {
                     // cover `from` itself for the root to be quiesced.
                     self.require(proof, from)?;
                     self.unlink(&edge)?;
-                    let new = Edge::new(Parent::Root(Arc::downgrade(&r)), edge.role, to.clone(), edge.perm());
+                    let new = Edge::new(
+                        Parent::Root(Arc::downgrade(&r)),
+                        edge.role,
+                        to.clone(),
+                        edge.perm(),
+                    );
                     self.link(new)?;
                 }
             }
@@ -268,7 +323,12 @@ impl<'w, 'g> Transaction<'w, 'g> {
     /// Replaces `from` by `to` in all of `from`'s parents (what mirror's
     /// pivot needs). The proof must cover every parent of `from`; draining
     /// `from` does.
-    pub fn replace_node(&mut self, proof: &dyn DrainProof, from: &Arc<Node>, to: &Arc<Node>) -> Result<()> {
+    pub fn replace_node(
+        &mut self,
+        proof: &dyn DrainProof,
+        from: &Arc<Node>,
+        to: &Arc<Node>,
+    ) -> Result<()> {
         if Arc::ptr_eq(from, to) {
             return Ok(());
         }
@@ -282,7 +342,12 @@ impl<'w, 'g> Transaction<'w, 'g> {
 
     /// Puts `filter` above `below`: every parent of `below` now uses
     /// `filter`, whose own filtered child is `below`.
-    pub fn insert_filter(&mut self, proof: &dyn DrainProof, below: &Arc<Node>, filter: &Arc<Node>) -> Result<()> {
+    pub fn insert_filter(
+        &mut self,
+        proof: &dyn DrainProof,
+        below: &Arc<Node>,
+        filter: &Arc<Node>,
+    ) -> Result<()> {
         match filter.filtered_child() {
             Some(c) if Arc::ptr_eq(&c, below) => {}
             _ => {
@@ -320,7 +385,11 @@ impl<'w, 'g> Transaction<'w, 'g> {
         if let Some(user) = node.parents().first() {
             return Err(Error::InUse {
                 node: node.name().to_string(),
-                reason: format!("it is used as '{}' by {}", user.user_role(), user.parent.describe()),
+                reason: format!(
+                    "it is used as '{}' by {}",
+                    user.user_role(),
+                    user.parent.describe()
+                ),
             });
         }
         for edge in node.children() {
@@ -359,7 +428,10 @@ impl<'w, 'g> Transaction<'w, 'g> {
     fn rollback(&mut self) {
         while let Some(u) = self.undo.pop() {
             match u {
-                Undo::Linked { edge, prev_root_edge } => {
+                Undo::Linked {
+                    edge,
+                    prev_root_edge,
+                } => {
                     links::unlink(&edge);
                     if let (Some(prev), Parent::Root(r)) = (prev_root_edge, &edge.parent) {
                         if let Some(r) = r.upgrade() {
@@ -374,7 +446,11 @@ impl<'w, 'g> Transaction<'w, 'g> {
                     self.w.inner().nodes.lock().remove(node.node_name());
                 }
                 Undo::Unregistered(node) => {
-                    self.w.inner().nodes.lock().insert(node.node_name().clone(), node);
+                    self.w
+                        .inner()
+                        .nodes
+                        .lock()
+                        .insert(node.node_name().clone(), node);
                 }
                 Undo::Custom(f) => f(),
             }

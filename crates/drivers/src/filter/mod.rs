@@ -1,0 +1,4 @@
+//! Filter drivers: one child, shown with a twist.
+
+pub mod blkdebug;
+pub mod copy_on_read;

@@ -1,0 +1,3 @@
+//! Format drivers: map guest offsets into an image file.
+
+pub mod raw;
