@@ -35,7 +35,15 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Like qemu-img, a bad command line exits with 1 (clap's default is 2).
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { 1 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
     let (tool, result) = match cli.command {
         Command::Img { command } => ("qemu-img", img::run(command)),
         Command::Demo(args) => ("sluice demo", demo::run(args)),

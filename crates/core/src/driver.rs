@@ -225,6 +225,14 @@ pub trait BlockDriver: Send + Sync + 'static {
         ChildPermModel::for_role(role, self.is_filter()).child_perm(parents, node_writable)
     }
 
+    /// The combined needs of this node's users changed to `cumulative`.
+    /// Drivers that mirror permissions outside the process (the `file`
+    /// driver's image locks) apply them here; an error refuses the graph
+    /// change, which is then rolled back.
+    fn set_perm(&self, _node: &Node, _cumulative: PermPair) -> Result<()> {
+        Ok(())
+    }
+
     /// The image file this node stands for, if any (`qemu-img info`'s filename).
     fn filename(&self) -> Option<String> {
         None

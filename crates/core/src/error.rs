@@ -29,7 +29,10 @@ pub enum Error {
     #[error("{node}: invalid request: {reason}")]
     InvalidRequest { node: String, reason: String },
 
-    #[error("{node}: {op} at offset {offset} length {len} failed: {source}")]
+    #[error(
+        "{node}: {op} at offset {offset} length {len} failed: {}",
+        os_text(source)
+    )]
     Io {
         node: String,
         op: &'static str,
@@ -77,7 +80,7 @@ pub enum Error {
     #[error("{driver}: {message}")]
     InvalidOption { driver: String, message: String },
 
-    #[error("Could not open '{file}': {source}")]
+    #[error("Could not open '{file}': {}", os_text(source))]
     Open {
         file: String,
         #[source]
@@ -86,6 +89,16 @@ pub enum Error {
 
     #[error("{0}")]
     Other(String),
+}
+
+/// An I/O error's text as QEMU prints it: `strerror()` without Rust's
+/// "(os error N)" suffix.
+pub fn os_text(e: &io::Error) -> String {
+    let text = e.to_string();
+    match text.rfind(" (os error ") {
+        Some(i) if e.raw_os_error().is_some() => text[..i].to_string(),
+        _ => text,
+    }
 }
 
 impl Error {

@@ -15,10 +15,10 @@ use std::time::Instant;
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
     /// Number of requests (default 75000).
-    #[arg(short = 'c', value_name = "COUNT")]
+    #[arg(short = 'c', allow_hyphen_values = true, value_name = "COUNT")]
     count: Option<String>,
     /// Requests kept in flight (default 64).
-    #[arg(short = 'd', value_name = "DEPTH")]
+    #[arg(short = 'd', allow_hyphen_values = true, value_name = "DEPTH")]
     depth: Option<String>,
     /// Image format (raw; probed when absent).
     #[arg(short = 'f', value_name = "FMT")]
@@ -33,16 +33,16 @@ pub struct BenchArgs {
     #[arg(short = 'n')]
     native: bool,
     /// Offset of the first request.
-    #[arg(short = 'o', value_name = "OFFSET")]
+    #[arg(short = 'o', allow_hyphen_values = true, value_name = "OFFSET")]
     offset: Option<String>,
     /// Quiet (accepted for compatibility).
     #[arg(short = 'q')]
     quiet: bool,
     /// Request size (default 4k).
-    #[arg(short = 's', value_name = "BUFFER_SIZE")]
+    #[arg(short = 's', allow_hyphen_values = true, value_name = "BUFFER_SIZE")]
     buffer_size: Option<String>,
     /// Distance between request offsets (default: the request size).
-    #[arg(short = 'S', value_name = "STEP_SIZE")]
+    #[arg(short = 'S', allow_hyphen_values = true, value_name = "STEP_SIZE")]
     step: Option<String>,
     /// Cache mode: none, writeback, writethrough, directsync, unsafe.
     #[arg(short = 't', value_name = "CACHE")]
@@ -137,12 +137,8 @@ impl BenchArgs {
         if !self.write && self.flush_interval.is_some() {
             return Err("--flush-interval is only available in write tests".into());
         }
-        if !self.write && self.pattern.is_some() {
-            return Err("--pattern is only available in write tests".into());
-        }
-        if self.no_drain && self.flush_interval.is_none() {
-            return Err("--no-drain requires --flush-interval".into());
-        }
+        // Like qemu-img, --pattern on a read test and --no-drain without
+        // --flush-interval are accepted and have no effect.
         if self.image_opts && self.format.is_some() {
             return Err("--image-opts and --format are mutually exclusive".into());
         }
@@ -287,7 +283,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
     let plan = args.plan()?;
     let aio = args.aio()?;
     let cache = parse_cache_mode(args.cache.as_deref().unwrap_or("writeback"))
-        .map_err(|e| e.to_string())?;
+        .map_err(|_| "Invalid cache mode".to_string())?;
     let _ = args.quiet;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

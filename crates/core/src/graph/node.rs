@@ -155,6 +155,8 @@ pub struct Node {
     pub(crate) implicit: AtomicBool,
     stats: IoStats,
     write_locks: RangeLocks,
+    /// The combined permissions of this node's users, as last applied.
+    pub(crate) cumulative: Mutex<PermPair>,
 }
 
 impl fmt::Debug for Node {
@@ -191,6 +193,7 @@ impl Node {
             implicit: AtomicBool::new(implicit),
             stats: IoStats::default(),
             write_locks: RangeLocks::default(),
+            cumulative: Mutex::new(PermPair::NONE_ALL_SHARED),
         })
     }
 
@@ -233,6 +236,11 @@ impl Node {
 
     pub fn is_implicit(&self) -> bool {
         self.implicit.load(SeqCst)
+    }
+
+    /// The combined permissions of this node's users.
+    pub fn cumulative_perm(&self) -> PermPair {
+        *self.cumulative.lock()
     }
 
     pub fn stats(&self) -> &IoStats {

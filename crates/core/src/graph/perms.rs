@@ -8,8 +8,12 @@ use crate::perm::{Perm, PermPair};
 use std::collections::HashMap;
 use std::sync::Arc;
 
-/// New permissions for every node-to-node edge.
-pub(crate) struct PermPlan(Vec<(Arc<Edge>, PermPair)>);
+/// New permissions for every node-to-node edge, and every node's new
+/// combined needs.
+pub(crate) struct PermPlan {
+    edges: Vec<(Arc<Edge>, PermPair)>,
+    nodes: Vec<(Arc<Node>, PermPair)>,
+}
 
 /// The combined needs of `node`'s users: union of what they take,
 /// intersection of what they share.
@@ -47,7 +51,10 @@ fn edge_perm(edge: &Arc<Edge>, memo: &mut HashMap<u64, PermPair>, depth: usize) 
 pub(crate) fn compute(graph: &Graph) -> Result<PermPlan> {
     let mut memo = HashMap::new();
     let mut plan = Vec::new();
+    let mut nodes = Vec::new();
     for node in graph.nodes() {
+        let cumulative = cumulative(&node, &mut memo, 0);
+        nodes.push((node.clone(), cumulative));
         let users: Vec<(Arc<Edge>, PermPair)> = node
             .parents()
             .into_iter()
@@ -63,13 +70,37 @@ pub(crate) fn compute(graph: &Graph) -> Result<PermPlan> {
             }
         }
     }
-    Ok(PermPlan(plan))
+    Ok(PermPlan { edges: plan, nodes })
 }
 
-pub(crate) fn apply(plan: &PermPlan) {
-    for (e, p) in &plan.0 {
+/// Applies a checked plan. Drivers see their node's new combined needs
+/// (`BlockDriver::set_perm`); if one refuses, everything applied so far is
+/// put back and the error returned.
+pub(crate) fn apply(plan: &PermPlan) -> Result<()> {
+    let old_edges: Vec<PermPair> = plan.edges.iter().map(|(e, _)| e.perm()).collect();
+    for (e, p) in &plan.edges {
         *e.perm.lock() = *p;
     }
+    let mut changed: Vec<(&Arc<Node>, PermPair)> = Vec::new();
+    for (node, new) in &plan.nodes {
+        let old = node.cumulative_perm();
+        if old == *new {
+            continue;
+        }
+        if let Err(e) = node.driver().set_perm(node, *new) {
+            for (n, prev) in changed.into_iter().rev() {
+                let _ = n.driver().set_perm(n, prev);
+                *n.cumulative.lock() = prev;
+            }
+            for ((edge, _), prev) in plan.edges.iter().zip(old_edges) {
+                *edge.perm.lock() = prev;
+            }
+            return Err(e);
+        }
+        *node.cumulative.lock() = *new;
+        changed.push((node, old));
+    }
+    Ok(())
 }
 
 fn check_node(node: &Arc<Node>, users: &[(Arc<Edge>, PermPair)]) -> Result<()> {

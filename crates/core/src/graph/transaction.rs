@@ -405,7 +405,7 @@ impl<'w, 'g> Transaction<'w, 'g> {
     pub async fn commit(mut self) -> Result<()> {
         self.step()?;
         let new_perms = perms::compute(self.w.graph())?;
-        perms::apply(&new_perms);
+        perms::apply(&new_perms)?;
         self.undo.clear();
         let deleted = std::mem::take(&mut self.deleted);
         let candidates = std::mem::take(&mut self.orphan_candidates);
@@ -420,7 +420,7 @@ impl<'w, 'g> Transaction<'w, 'g> {
         }
         // Closing only removed users; permissions can only relax.
         if let Ok(relaxed) = perms::compute(self.w.graph()) {
-            perms::apply(&relaxed);
+            let _ = perms::apply(&relaxed);
         }
         Ok(())
     }

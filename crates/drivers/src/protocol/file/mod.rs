@@ -203,6 +203,19 @@ impl fmt::Debug for FileDriver {
     }
 }
 
+impl Drop for FileDriver {
+    /// Releases the lock bytes explicitly rather than by closing the fd:
+    /// a child process forked elsewhere in this process between `fork` and
+    /// `exec` shares the open file description, and with it the locks, for
+    /// a moment; in-flight operations of dropped futures may also still
+    /// hold the fd.
+    fn drop(&mut self) {
+        if self.use_lock {
+            lock::release(self.fd.as_raw_fd(), &mut self.lock.lock());
+        }
+    }
+}
+
 fn errno_is_not_supported(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
@@ -691,6 +704,12 @@ impl FileDriver {
 impl BlockDriver for FileDriver {
     fn driver_name(&self) -> &'static str {
         "file"
+    }
+
+    fn set_perm(&self, _node: &Node, cumulative: PermPair) -> Result<()> {
+        // The image locks follow what the graph's users need, as QEMU's
+        // file-posix does.
+        self.apply_perms(cumulative)
     }
 
     fn request_alignment(&self) -> u32 {

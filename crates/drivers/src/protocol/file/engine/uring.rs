@@ -23,6 +23,10 @@
 //! operation on a new runtime starts a new one). Reaping is a loop over the
 //! completion queue under the ring's lock; wakers are called after the lock
 //! is released, so a completion never runs the next submission inline.
+//!
+//! Where no reaper can run — outside a tokio runtime, or on a runtime built
+//! without I/O (tokio panics when asked to register the eventfd there; the
+//! panic is caught once per runtime) — operations go to the thread pool.
 
 use super::{to_off, EngineKind, IoEngine, IoFuture};
 use io_uring::{opcode, squeue, types, IoUring, Probe};
