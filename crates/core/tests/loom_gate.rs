@@ -4,9 +4,18 @@
 //! `CARGO_TARGET_DIR=target/loom RUSTFLAGS="--cfg loom" cargo test -p sluice-core --test loom_gate --release`.
 //!
 //! Only the gate module is compiled here (through `#[path]`), with loom's
-//! atomics, mutex and `Arc`: the rest of sluice-core (tokio, arc-swap, the
-//! graph) is not meaningful under loom. Without `--cfg loom` this file is
-//! empty.
+//! atomics and mutex (`Arc` stays std's: `loom::sync::Arc` cannot be the
+//! `self: &Arc<Self>` receiver gate.rs uses, on stable Rust). The rest of
+//! sluice-core (tokio, arc-swap, the graph) is not meaningful under loom;
+//! cargo still builds the library under `--cfg loom` because an integration
+//! test links it, but no library code runs here. Without `--cfg loom` this
+//! file is empty.
+//!
+//! A deadlock found by loom while a thread is blocked in
+//! `loom::future::block_on` aborts the test binary (SIGABRT: unwinding drops
+//! a loom object outside the model, loom 0.7.3) instead of failing one test;
+//! the `deadlock; threads = ...` line above the abort names the model.
+//! Re-run it alone with `scripts/loom.sh <name> --exact`.
 //!
 //! Models (ARCHITECTURE.md, invariant 2):
 //! 1. nesting: a request queued while quiesced is admitted only after the
@@ -32,18 +41,21 @@ mod gate;
 use gate::Gate;
 use loom::future::block_on;
 use loom::sync::atomic::{AtomicBool, AtomicUsize};
-// std `Arc`, as in gate.rs: loom's cannot be a method receiver on stable Rust.
 use loom::thread;
 use std::sync::atomic::{AtomicUsize as StdAtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::Arc;
 
-/// Default preemption bound; `LOOM_MAX_PREEMPTIONS` overrides it.
-const PREEMPTION_BOUND: usize = 3;
+/// Preemption bound for the models with three threads: their exhaustive
+/// search takes minutes (a few million interleavings), bound 3 about a second.
+const BOUNDED: Option<usize> = Some(3);
+/// The models with two threads are searched exhaustively (under a second).
+const EXHAUSTIVE: Option<usize> = None;
 
-fn builder() -> loom::model::Builder {
+/// `LOOM_MAX_PREEMPTIONS`, if set, overrides `bound` for every model.
+fn builder(bound: Option<usize>) -> loom::model::Builder {
     let mut b = loom::model::Builder::new();
-    if b.preemption_bound.is_none() {
-        b.preemption_bound = Some(PREEMPTION_BOUND);
+    if std::env::var_os("LOOM_MAX_PREEMPTIONS").is_none() {
+        b.preemption_bound = bound;
     }
     b
 }
@@ -75,13 +87,13 @@ fn new_gate() -> Arc<Gate> {
 }
 
 /// Runs `f` under loom and reports how many interleavings it explored.
-fn model<F>(f: F)
+fn model<F>(bound: Option<usize>, f: F)
 where
     F: Fn() + Sync + Send + 'static,
 {
     let runs = std::sync::Arc::new(StdAtomicUsize::new(0));
     let counter = runs.clone();
-    builder().check(move || {
+    builder(bound).check(move || {
         counter.fetch_add(1, Relaxed);
         f();
     });
@@ -97,8 +109,7 @@ where
 /// enter meanwhile. It must be admitted only after the outermost end.
 #[test]
 fn nested_quiesce_admits_only_after_last_end() {
-    static ADMITTED: StdAtomicUsize = StdAtomicUsize::new(0);
-    model(|| {
+    model(EXHAUSTIVE, || {
         let gate = new_gate();
         // Set just before the final end_quiesce.
         let last_end = Arc::new(AtomicBool::new(false));
@@ -131,9 +142,7 @@ fn nested_quiesce_admits_only_after_last_end() {
         req.join().unwrap();
         assert_eq!(gate.in_flight(), 0);
         assert_eq!(gate.quiesce_count(), 0);
-        ADMITTED.fetch_add(1, Relaxed);
     });
-    assert!(ADMITTED.load(Relaxed) > 0);
 }
 
 /// Two drains held by two threads end concurrently (only one of the two
@@ -141,7 +150,7 @@ fn nested_quiesce_admits_only_after_last_end() {
 /// request is admitted only once both have ended.
 #[test]
 fn concurrent_last_ends_release_queued_request_once() {
-    model(|| {
+    model(BOUNDED, || {
         let gate = new_gate();
         let ends = Arc::new(AtomicUsize::new(0));
 
@@ -184,7 +193,7 @@ fn request_entering_while_drain_begins() {
     // Coverage: both orders must actually be explored.
     static BEFORE_DRAIN: StdAtomicUsize = StdAtomicUsize::new(0);
     static AFTER_DRAIN: StdAtomicUsize = StdAtomicUsize::new(0);
-    model(|| {
+    model(EXHAUSTIVE, || {
         let gate = new_gate();
         let inside = Arc::new(AtomicBool::new(false));
         let drained = Arc::new(AtomicBool::new(false));
@@ -247,7 +256,7 @@ fn request_entering_while_drain_begins() {
 /// drainer waits: `wait_idle` must return (a lost wakeup is a loom deadlock).
 #[test]
 fn request_completing_while_drain_waits() {
-    model(|| {
+    model(EXHAUSTIVE, || {
         let gate = new_gate();
         let done = Arc::new(AtomicBool::new(false));
 
@@ -280,7 +289,7 @@ fn request_completing_while_drain_waits() {
 /// sees the count reach zero, and it must wake the drainer.
 #[test]
 fn two_requests_completing_while_drain_waits() {
-    model(|| {
+    model(BOUNDED, || {
         let gate = new_gate();
         let done = Arc::new(AtomicUsize::new(0));
 
@@ -321,7 +330,7 @@ fn two_requests_completing_while_drain_waits() {
 /// drainer's wait.
 #[test]
 fn queued_request_does_not_block_drain() {
-    model(|| {
+    model(EXHAUSTIVE, || {
         let gate = new_gate();
         let admitted = Arc::new(AtomicBool::new(false));
 
@@ -355,7 +364,7 @@ fn queued_request_does_not_block_drain() {
 /// admitted until the drain ends.
 #[test]
 fn queued_request_and_completing_request_while_drain_waits() {
-    model(|| {
+    model(BOUNDED, || {
         let gate = new_gate();
         let admitted = Arc::new(AtomicBool::new(false));
         let done = Arc::new(AtomicBool::new(false));
@@ -538,11 +547,11 @@ mod broken {
 }
 
 /// Runs `f` under loom and returns the panic message loom reports, if any.
-fn model_failure<F>(f: F) -> Option<String>
+fn model_failure<F>(bound: Option<usize>, f: F) -> Option<String>
 where
     F: Fn() + Sync + Send + 'static,
 {
-    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| builder().check(f)));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| builder(bound).check(f)));
     r.err().map(|e| {
         e.downcast_ref::<String>()
             .cloned()
@@ -557,7 +566,7 @@ where
 #[test]
 fn negative_control_check_before_increment_is_caught() {
     use broken::{Flaw, Gate};
-    let failure = model_failure(|| {
+    let failure = model_failure(EXHAUSTIVE, || {
         let gate = Arc::new(Gate::new(Flaw::CheckBeforeIncrement));
         gate.prime();
         let inside = Arc::new(AtomicBool::new(false));
@@ -604,7 +613,7 @@ fn negative_control_check_before_increment_is_caught() {
 #[ignore = "negative control; run in a child process by negative_control_lost_wakeup_is_caught"]
 fn lost_wakeup_control_model() {
     use broken::{Flaw, Gate};
-    model(|| {
+    model(EXHAUSTIVE, || {
         let gate = Arc::new(Gate::new(Flaw::NoRecheckOnRegister));
         gate.prime();
         let done = Arc::new(AtomicBool::new(false));

@@ -118,3 +118,91 @@ async fn negative_control_a_plain_write_as_copy_up_loses_the_guest_write() {
         "without the flag the guest write is lost"
     );
 }
+
+#[tokio::test]
+async fn bottom_limits_what_is_copied_inclusively() {
+    let graph = Graph::new();
+    let w = graph.writer().await;
+    let base = add(
+        &w,
+        json!({"driver": "memory", "node-name": "base", "size": MIB}),
+    )
+    .await;
+    let mid = add(
+        &w,
+        json!({"driver": "memory", "node-name": "mid", "size": MIB, "backing": "base"}),
+    )
+    .await;
+    let top = add(
+        &w,
+        json!({"driver": "memory", "node-name": "top", "size": MIB, "backing": "mid"}),
+    )
+    .await;
+    drop(w);
+    fill(&graph, &base, 0, 4096, 1).await;
+    fill(&graph, &mid, 4096, 4096, 2).await;
+    let w = graph.writer().await;
+    let cor = add(
+        &w,
+        json!({"driver": "copy-on-read", "node-name": "cor", "file": "top", "bottom": "mid"}),
+    )
+    .await;
+    let r = w
+        .add_root("job", "stream", &cor, PermPair::reader_sharing_all())
+        .await
+        .unwrap();
+    drop(w);
+    let data = r.read(0, 8192).await.unwrap();
+    assert!(data[..4096].iter().all(|&b| b == 1) && data[4096..].iter().all(|&b| b == 2));
+    let below_bottom = top.block_status(0, 4096).await.unwrap();
+    let in_bottom = top.block_status(4096, 4096).await.unwrap();
+    assert!(
+        matches!(below_bottom, sluice_core::DriverStatus::Unallocated { .. }),
+        "base's data is not copied: {below_bottom:?}"
+    );
+    assert!(
+        matches!(in_bottom, sluice_core::DriverStatus::Data { .. }),
+        "mid's data is copied: {in_bottom:?}"
+    );
+}
+
+#[tokio::test]
+async fn raw_shows_a_window_of_its_file() {
+    let graph = Graph::new();
+    let w = graph.writer().await;
+    let img = add(
+        &w,
+        json!({"driver": "memory", "node-name": "img", "size": MIB}),
+    )
+    .await;
+    drop(w);
+    fill(&graph, &img, 4096, 4096, 9).await;
+    let w = graph.writer().await;
+    let raw = add(
+        &w,
+        json!({"driver": "raw", "node-name": "win", "file": "img", "offset": 4096, "size": 8192}),
+    )
+    .await;
+    drop(w);
+    assert_eq!(raw.size(), 8192);
+    let r = root_on(&graph, "vda", &raw, PermPair::writer())
+        .await
+        .unwrap();
+    let d = r.read(0, 8192).await.unwrap();
+    assert!(d[..4096].iter().all(|&b| b == 9) && d[4096..].iter().all(|&b| b == 0));
+    r.write(4096, IoBytes::copy_from(&[7; 4096]), WriteFlags::default())
+        .await
+        .unwrap();
+    let raw_img = root_on(&graph, "whole", &img, PermPair::reader_sharing_all())
+        .await
+        .unwrap();
+    let whole = raw_img.read(8192, 4096).await.unwrap();
+    assert!(
+        whole.iter().all(|&b| b == 7),
+        "the write landed at offset + 4096 in the file"
+    );
+    assert!(
+        r.read(4096, 8192).await.is_err(),
+        "the window ends at its size"
+    );
+}

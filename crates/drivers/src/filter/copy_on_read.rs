@@ -34,17 +34,14 @@ impl CopyOnReadDriver {
     }
 
     /// Whether the start of `[offset, offset+len)` is missing from `top`
-    /// but allocated in a layer above `bottom` (anywhere below, without a
-    /// bottom): that is data to copy up. Filters are looked through.
+    /// but allocated in a layer down to `bottom` inclusive (anywhere below,
+    /// without a bottom): that is data to copy up. Filters are looked through.
     /// Returns the answer and the length it holds for.
     async fn needs_copy(&self, top: &Arc<Node>, offset: u64, len: u64) -> Result<(bool, u64)> {
         let mut cur = top.clone();
         let (mut off, mut len) = (offset, len);
         let mut below_top = false;
         for _ in 0..4096 {
-            if self.bottom.as_deref() == Some(cur.name()) {
-                return Ok((false, len));
-            }
             match cur.block_status(off, len).await? {
                 DriverStatus::Passthrough {
                     len: l,
@@ -64,6 +61,10 @@ impl CopyOnReadDriver {
                 }
                 DriverStatus::Unallocated { len: l } => {
                     len = l;
+                    if self.bottom.as_deref() == Some(cur.name()) {
+                        // `bottom` is the last layer whose data is copied.
+                        return Ok((false, len));
+                    }
                     match cur.child(Role::Backing) {
                         Some(b) if off < b.size() => {
                             len = len.min(b.size() - off);
