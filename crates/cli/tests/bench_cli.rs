@@ -141,7 +141,7 @@ fn bad_options_fail_like_qemu_img() {
     let past_end = sluice(&["-c", "10", "-o", "1G", "--image-opts", "driver=null-co"]);
     assert_eq!(past_end.status.code(), Some(1));
     assert!(
-        stderr(&past_end).contains("Failed request"),
+        stderr(&past_end).contains("Failed request: Input/output error"),
         "{}",
         stderr(&past_end)
     );

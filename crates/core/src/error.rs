@@ -108,7 +108,9 @@ impl Error {
             Error::Io { source, .. } | Error::Open { source, .. } => {
                 source.raw_os_error().unwrap_or(libc::EIO)
             }
-            Error::OutOfRange { .. } | Error::InvalidRequest { .. } => libc::EINVAL,
+            // QEMU's block layer fails a request past the end with EIO.
+            Error::OutOfRange { .. } => libc::EIO,
+            Error::InvalidRequest { .. } => libc::EINVAL,
             Error::NotSupported { .. } => libc::ENOTSUP,
             Error::ReadOnly { .. } | Error::PermissionConflict { .. } => libc::EPERM,
             Error::NodeClosed { .. } => libc::ENOMEDIUM,

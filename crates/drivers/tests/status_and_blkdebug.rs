@@ -162,3 +162,40 @@ async fn breakpoints_are_one_shot_and_unknown_tags_are_errors() {
     ctl.remove_breakpoint("t").unwrap();
     first.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn nodes_count_their_requests() {
+    use sluice_core::stats::IoStats;
+    let graph = Graph::new();
+    let w = graph.writer().await;
+    let n = add(
+        &w,
+        json!({"driver": "memory", "node-name": "disk", "size": MIB}),
+    )
+    .await;
+    drop(w);
+    let r = root_on(&graph, "vda", &n, PermPair::writer())
+        .await
+        .unwrap();
+    r.write(
+        0,
+        sluice_core::IoBytes::copy_from(&[1; 1000]),
+        sluice_core::WriteFlags::default(),
+    )
+    .await
+    .unwrap();
+    r.read(0, 512).await.unwrap();
+    r.read(512, 512).await.unwrap();
+    r.flush().await.unwrap();
+    r.discard(0, 8192).await.unwrap();
+    let _ = r.read(MIB, 1).await.unwrap_err();
+    let s = n.stats();
+    assert_eq!(IoStats::get(&s.wr_operations), 1);
+    assert_eq!(IoStats::get(&s.wr_bytes), 1000);
+    assert_eq!(IoStats::get(&s.rd_operations), 2);
+    assert_eq!(IoStats::get(&s.rd_bytes), 1024);
+    assert_eq!(IoStats::get(&s.flush_operations), 1);
+    assert_eq!(IoStats::get(&s.unmap_operations), 1);
+    assert_eq!(IoStats::get(&s.unmap_bytes), 8192);
+    assert_eq!(n.in_flight(), 0);
+}

@@ -7,6 +7,7 @@
 
 use crate::size::parse_size;
 use futures::stream::{FuturesUnordered, StreamExt};
+use sluice_core::error::os_text;
 use sluice_core::{Graph, IoBuf, IoBytes, PermPair, Root, WriteFlags};
 use sluice_drivers::protocol::file::parse_cache_mode;
 use std::process::ExitCode;
@@ -187,7 +188,7 @@ async fn issue(root: &Root, offset: u64, job: Job) -> Result<Outcome, String> {
     let failed = |e: sluice_core::Error| {
         format!(
             "Failed request: {}",
-            std::io::Error::from_raw_os_error(e.errno())
+            os_text(&std::io::Error::from_raw_os_error(e.errno()))
         )
     };
     match job {

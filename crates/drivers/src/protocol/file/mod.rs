@@ -176,6 +176,11 @@ pub struct FileDriver {
     filename: String,
     fd: Arc<OwnedFd>,
     engine: &'static dyn IoEngine,
+    /// The engine for writes. Without an `aio` option, buffered writes go
+    /// to the thread pool even when io_uring is chosen: io_uring hands
+    /// buffered writes to kernel workers on common file systems (ext4), and
+    /// that measured slower than the pool (BENCHMARKS.md).
+    write_engine: &'static dyn IoEngine,
     cache: CacheMode,
     read_only: bool,
     /// Offsets and lengths of requests are multiples of this.
@@ -236,6 +241,12 @@ pub async fn open(
     };
     let kind = opts.aio.map_or_else(engine::probe, Aio::engine_kind);
     let engine = engine::engine(kind).map_err(|e| Error::invalid_option("file", e.to_string()))?;
+    let write_engine = if opts.aio.is_none() && !cache.direct {
+        engine::engine(EngineKind::Threads)
+            .map_err(|e| Error::invalid_option("file", e.to_string()))?
+    } else {
+        engine
+    };
 
     let path = CString::new(opts.filename.as_bytes())
         .map_err(|_| open_err(io::Error::from_raw_os_error(libc::EINVAL)))?;
@@ -300,6 +311,7 @@ pub async fn open(
         filename: opts.filename.clone(),
         fd,
         engine,
+        write_engine,
         cache,
         read_only,
         align,
@@ -547,7 +559,7 @@ impl FileDriver {
             // SAFETY: `data` is immutable and its KeepAlive goes with the
             // operation.
             let r = unsafe {
-                self.engine.write_at(
+                self.write_engine.write_at(
                     &self.fd,
                     offset + done as u64,
                     data.as_ptr().add(done),
