@@ -17,7 +17,17 @@ fn main() {
         .next()
         .and_then(|a| a.parse().ok())
         .unwrap_or(1_000_000);
-    let iterations: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(1000);
+    let iterations: usize = args
+        .next()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(1000)
+        .max(1);
+    if latency_ns == 0 {
+        eprintln!(
+            "drain_latency: LATENCY_NS must be above 0, or no request stays in flight to drain"
+        );
+        std::process::exit(1);
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
