@@ -1,12 +1,13 @@
 //! `sluice`: one binary for QEMU's storage tools.
 //!
 //! * `sluice img ...` — qemu-img work-alike (now: `bench`);
+//! * `sluice io ...` — qemu-io work-alike;
 //! * `sluice demo` — the built-in default: an in-memory backing chain under
 //!   guest I/O, shortened live by a drained graph change.
 
 mod demo;
 mod img;
-mod size;
+mod io;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -29,6 +30,8 @@ enum Command {
         #[command(subcommand)]
         command: img::ImgCommand,
     },
+    /// qemu-io work-alike: `sluice io [-f FMT] [-r] [-c CMD]... [FILE]`.
+    Io(io::IoArgs),
     /// Runs guest I/O on a built-in in-memory chain while the chain is
     /// shortened live, and reports what happened (no files needed).
     Demo(demo::DemoArgs),
@@ -46,6 +49,7 @@ fn main() -> ExitCode {
     };
     let (tool, result) = match cli.command {
         Command::Img { command } => ("qemu-img", img::run(command)),
+        Command::Io(args) => ("qemu-io", io::run(args)),
         Command::Demo(args) => ("sluice demo", demo::run(args)),
     };
     match result {

@@ -60,11 +60,21 @@ impl<'de> de::Deserializer<'de> for Lenient {
         }
     }
 
+    /// Sizes may carry QEMU's suffixes (`size=1M`), as QAPI `size` options do.
+    fn deserialize_u64<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+        match self.0 {
+            Value::String(s) => match crate::size::parse_size(s.trim()) {
+                Ok(n) => visitor.visit_u64(n),
+                Err(_) => Err(de::Error::invalid_value(de::Unexpected::Str(&s), &visitor)),
+            },
+            other => de::Deserializer::deserialize_u64(other, visitor),
+        }
+    }
+
     lenient_number! {
         deserialize_u8 => visit_u8: u8,
         deserialize_u16 => visit_u16: u16,
         deserialize_u32 => visit_u32: u32,
-        deserialize_u64 => visit_u64: u64,
         deserialize_i8 => visit_i8: i8,
         deserialize_i16 => visit_i16: i16,
         deserialize_i32 => visit_i32: i32,
@@ -131,6 +141,8 @@ mod tests {
         let v = serde_json::json!({"size": "4096", "read-zeroes": "on", "name": "123", "list": ["1", 2]});
         let o = Opts::deserialize(Lenient(v)).unwrap();
         assert_eq!(o.size, 4096);
+        let v = serde_json::json!({"size": "1M", "name": "x", "list": []});
+        assert_eq!(Opts::deserialize(Lenient(v)).unwrap().size, 1 << 20);
         assert_eq!(o.read_zeroes, Some(true));
         assert_eq!(o.name, "123");
         assert_eq!(o.list, vec![1, 2]);

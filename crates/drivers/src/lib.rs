@@ -11,5 +11,6 @@ pub mod format;
 pub mod lenient;
 pub mod open;
 pub mod protocol;
+pub mod size;
 
 pub use open::{blockdev_add, open_node, open_with, CommonOptions};

@@ -5,7 +5,7 @@
 //! flight; completions are collected in a loop (never by recursion), so any
 //! number of requests runs in bounded stack.
 
-use crate::size::parse_size;
+use sluice_drivers::size::parse_size;
 use futures::stream::{FuturesUnordered, StreamExt};
 use sluice_core::error::os_text;
 use sluice_core::{Graph, IoBuf, IoBytes, PermPair, Root, WriteFlags};

@@ -3,8 +3,8 @@
 use async_trait::async_trait;
 use sluice_core::perm::ChildPermModel;
 use sluice_core::{
-    BlockDriver, DriverStatus, Error, IoBytes, Node, PermPair, ReadBuf, Result, Role, WriteFlags,
-    ZeroFlags,
+    BlockDriver, DebugEvent, DriverStatus, Error, IoBytes, Node, PermPair, ReadBuf, Result, Role,
+    WriteFlags, ZeroFlags,
 };
 
 #[derive(serde::Deserialize, Debug)]
@@ -67,7 +67,9 @@ impl BlockDriver for RawDriver {
     }
 
     async fn read(&self, node: &Node, offset: u64, buf: ReadBuf<'_>) -> Result<()> {
-        self.file(node)?.read(self.offset + offset, buf).await
+        let file = self.file(node)?;
+        file.debug_event(DebugEvent::ReadAio).await;
+        file.read(self.offset + offset, buf).await
     }
 
     async fn write(
@@ -77,9 +79,9 @@ impl BlockDriver for RawDriver {
         data: IoBytes,
         flags: WriteFlags,
     ) -> Result<()> {
-        self.file(node)?
-            .write(self.offset + offset, data, flags)
-            .await
+        let file = self.file(node)?;
+        file.debug_event(DebugEvent::WriteAio).await;
+        file.write(self.offset + offset, data, flags).await
     }
 
     async fn write_zeroes(
