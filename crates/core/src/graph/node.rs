@@ -267,6 +267,12 @@ impl Node {
             .map(|e| e.child.clone())
     }
 
+    /// The child in `role`, which this node's driver cannot work without;
+    /// its absence means the node was closed under the request.
+    pub fn required_child(&self, role: Role) -> Result<Arc<Node>> {
+        self.child(role).ok_or_else(|| self.closed_error())
+    }
+
     /// The child edge in `role`.
     pub fn child_edge(&self, role: Role) -> Option<Arc<Edge>> {
         self.children

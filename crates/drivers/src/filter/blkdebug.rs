@@ -15,7 +15,6 @@ use sluice_core::{
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
-use std::sync::Arc;
 use tokio::sync::{oneshot, Notify};
 
 #[derive(serde::Deserialize, Debug, Clone)]
@@ -202,12 +201,6 @@ impl BlkdebugDriver {
         Ok(())
     }
 
-    fn file(node: &Node) -> Result<Arc<Node>> {
-        node.child(Role::File).ok_or_else(|| Error::NodeClosed {
-            node: node.name().to_string(),
-        })
-    }
-
     /// Fails the request if an armed error rule matches it.
     fn check(&self, node: &Node, io: IoType, offset: u64, len: u64) -> Result<()> {
         let mut rules = self.rules.lock();
@@ -312,7 +305,7 @@ impl BlockDriver for BlkdebugDriver {
 
     async fn read(&self, node: &Node, offset: u64, buf: ReadBuf<'_>) -> Result<()> {
         self.check(node, IoType::Read, offset, buf.len() as u64)?;
-        Self::file(node)?.read(offset, buf).await
+        node.required_child(Role::File)?.read(offset, buf).await
     }
 
     async fn write(
@@ -323,7 +316,9 @@ impl BlockDriver for BlkdebugDriver {
         flags: WriteFlags,
     ) -> Result<()> {
         self.check(node, IoType::Write, offset, data.len() as u64)?;
-        Self::file(node)?.write(offset, data, flags).await
+        node.required_child(Role::File)?
+            .write(offset, data, flags)
+            .await
     }
 
     async fn write_zeroes(
@@ -334,17 +329,19 @@ impl BlockDriver for BlkdebugDriver {
         flags: ZeroFlags,
     ) -> Result<()> {
         self.check(node, IoType::WriteZeroes, offset, len)?;
-        Self::file(node)?.write_zeroes(offset, len, flags).await
+        node.required_child(Role::File)?
+            .write_zeroes(offset, len, flags)
+            .await
     }
 
     async fn discard(&self, node: &Node, offset: u64, len: u64) -> Result<()> {
         self.check(node, IoType::Discard, offset, len)?;
-        Self::file(node)?.discard(offset, len).await
+        node.required_child(Role::File)?.discard(offset, len).await
     }
 
     async fn flush(&self, node: &Node) -> Result<()> {
         self.check(node, IoType::Flush, 0, 0)?;
-        Self::file(node)?.flush().await
+        node.required_child(Role::File)?.flush().await
     }
 
     async fn block_status(&self, node: &Node, offset: u64, len: u64) -> Result<DriverStatus> {

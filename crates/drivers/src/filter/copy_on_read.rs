@@ -4,8 +4,8 @@
 
 use async_trait::async_trait;
 use sluice_core::{
-    BlockDriver, DebugEvent, DriverStatus, Error, IoBuf, IoBytes, Node, Perm, PermPair, ReadBuf,
-    Result, Role, WriteFlags, ZeroFlags,
+    BlockDriver, DebugEvent, DriverStatus, IoBuf, IoBytes, Node, Perm, PermPair, ReadBuf, Result,
+    Role, WriteFlags, ZeroFlags,
 };
 use std::sync::Arc;
 
@@ -25,12 +25,6 @@ pub struct CopyOnReadDriver {
 impl CopyOnReadDriver {
     pub fn new(bottom: Option<String>) -> CopyOnReadDriver {
         CopyOnReadDriver { bottom }
-    }
-
-    fn file(node: &Node) -> Result<Arc<Node>> {
-        node.child(Role::File).ok_or_else(|| Error::NodeClosed {
-            node: node.name().to_string(),
-        })
     }
 
     /// Whether the start of `[offset, offset+len)` is missing from `top`
@@ -101,7 +95,7 @@ impl BlockDriver for CopyOnReadDriver {
     }
 
     async fn read(&self, node: &Node, offset: u64, mut buf: ReadBuf<'_>) -> Result<()> {
-        let file = Self::file(node)?;
+        let file = node.required_child(Role::File)?;
         let end = offset + buf.len() as u64;
         let mut pos = offset;
         while pos < end {
@@ -135,7 +129,9 @@ impl BlockDriver for CopyOnReadDriver {
         data: IoBytes,
         flags: WriteFlags,
     ) -> Result<()> {
-        Self::file(node)?.write(offset, data, flags).await
+        node.required_child(Role::File)?
+            .write(offset, data, flags)
+            .await
     }
 
     async fn write_zeroes(
@@ -145,15 +141,17 @@ impl BlockDriver for CopyOnReadDriver {
         len: u64,
         flags: ZeroFlags,
     ) -> Result<()> {
-        Self::file(node)?.write_zeroes(offset, len, flags).await
+        node.required_child(Role::File)?
+            .write_zeroes(offset, len, flags)
+            .await
     }
 
     async fn discard(&self, node: &Node, offset: u64, len: u64) -> Result<()> {
-        Self::file(node)?.discard(offset, len).await
+        node.required_child(Role::File)?.discard(offset, len).await
     }
 
     async fn flush(&self, node: &Node) -> Result<()> {
-        Self::file(node)?.flush().await
+        node.required_child(Role::File)?.flush().await
     }
 
     async fn block_status(&self, _node: &Node, offset: u64, len: u64) -> Result<DriverStatus> {

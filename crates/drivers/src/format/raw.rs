@@ -47,12 +47,6 @@ impl RawDriver {
         };
         Ok((RawDriver { offset }, size))
     }
-
-    fn file(&self, node: &Node) -> Result<std::sync::Arc<Node>> {
-        node.child(Role::File).ok_or_else(|| Error::NodeClosed {
-            node: node.name().to_string(),
-        })
-    }
 }
 
 #[async_trait]
@@ -67,7 +61,7 @@ impl BlockDriver for RawDriver {
     }
 
     async fn read(&self, node: &Node, offset: u64, buf: ReadBuf<'_>) -> Result<()> {
-        let file = self.file(node)?;
+        let file = node.required_child(Role::File)?;
         file.debug_event(DebugEvent::ReadAio).await;
         file.read(self.offset + offset, buf).await
     }
@@ -79,7 +73,7 @@ impl BlockDriver for RawDriver {
         data: IoBytes,
         flags: WriteFlags,
     ) -> Result<()> {
-        let file = self.file(node)?;
+        let file = node.required_child(Role::File)?;
         file.debug_event(DebugEvent::WriteAio).await;
         file.write(self.offset + offset, data, flags).await
     }
@@ -91,17 +85,19 @@ impl BlockDriver for RawDriver {
         len: u64,
         flags: ZeroFlags,
     ) -> Result<()> {
-        self.file(node)?
+        node.required_child(Role::File)?
             .write_zeroes(self.offset + offset, len, flags)
             .await
     }
 
     async fn discard(&self, node: &Node, offset: u64, len: u64) -> Result<()> {
-        self.file(node)?.discard(self.offset + offset, len).await
+        node.required_child(Role::File)?
+            .discard(self.offset + offset, len)
+            .await
     }
 
     async fn flush(&self, node: &Node) -> Result<()> {
-        self.file(node)?.flush().await
+        node.required_child(Role::File)?.flush().await
     }
 
     async fn block_status(&self, _node: &Node, offset: u64, len: u64) -> Result<DriverStatus> {
