@@ -5,11 +5,11 @@
 //! flight; completions are collected in a loop (never by recursion), so any
 //! number of requests runs in bounded stack.
 
-use sluice_drivers::size::parse_size;
 use futures::stream::{FuturesUnordered, StreamExt};
 use sluice_core::error::os_text;
 use sluice_core::{Graph, IoBuf, IoBytes, PermPair, Root, WriteFlags};
 use sluice_drivers::protocol::file::parse_cache_mode;
+use sluice_drivers::size::parse_size;
 use std::process::ExitCode;
 use std::time::Instant;
 
