@@ -55,17 +55,20 @@ pub async fn block_status_chain(node: &Arc<Node>, offset: u64, len: u64) -> Resu
                         depth += 1;
                         continue;
                     }
-                    backing => {
+                    _ => {
+                        // No backing, or past the backing's end: the run is
+                        // decided (as zeroes) at this depth, as QEMU's map
+                        // reports it.
                         return Ok(Extent {
                             start,
                             length: len,
-                            depth: depth + u32::from(backing.is_some()),
+                            depth,
                             present: false,
                             zero: true,
                             data: false,
                             offset: None,
                             file_node: None,
-                        })
+                        });
                     }
                 }
             }

@@ -199,3 +199,28 @@ async fn nodes_count_their_requests() {
     assert_eq!(IoStats::get(&s.unmap_bytes), 8192);
     assert_eq!(n.in_flight(), 0);
 }
+
+#[tokio::test]
+async fn past_the_backing_end_the_top_decides_as_qemu_map_does() {
+    // qemu-img map of a 2 MiB overlay over a 1 MiB base: depth 1 over the
+    // base, depth 0 past its end.
+    let graph = Graph::new();
+    let w = graph.writer().await;
+    add(
+        &w,
+        json!({"driver": "memory", "node-name": "base", "size": MIB}),
+    )
+    .await;
+    let top = add(
+        &w,
+        json!({"driver": "memory", "node-name": "top", "size": 2 * MIB, "backing": "base"}),
+    )
+    .await;
+    drop(w);
+    let map = map_range(&top, 0, 2 * MIB).await.unwrap();
+    let got: Vec<(u64, u64, u32, bool)> = map
+        .iter()
+        .map(|e| (e.start, e.length, e.depth, e.present))
+        .collect();
+    assert_eq!(got, vec![(0, MIB, 1, false), (MIB, MIB, 0, false)]);
+}
