@@ -28,6 +28,7 @@ pub const DRIVERS: &[&str] = &[
     "memory",
     "null-aio",
     "null-co",
+    "qcow2",
     "raw",
 ];
 
@@ -208,6 +209,58 @@ async fn open_node_inner(
                 children.push((Role::File, f));
                 (Box::new(d), size)
             }
+            "qcow2" => {
+                let o = sluice_qcow2::Qcow2Options::parse(map)?;
+                let f = child(w, &o.file, &child_inherit, false, created).await?;
+                let d = sluice_qcow2::Qcow2Driver::open(&f, &o, common.read_only).await?;
+                let image = d.filename();
+                children.push((Role::File, f));
+                let data_file = match (&o.data_file, d.header().has_data_file()) {
+                    (Some(_), false) => {
+                        return Err(Error::invalid_option(
+                            "qcow2",
+                            "'data-file' can only be set for images with an external data file",
+                        ))
+                    }
+                    (Some(v), true) => Some(v.clone()),
+                    (None, true) => match &d.header().data_file {
+                        Some(name) => {
+                            let path = sluice_qcow2::chain::backing_path(image.as_deref(), name)?;
+                            Some(serde_json::json!({"driver": "file", "filename": path}))
+                        }
+                        None => {
+                            return Err(Error::invalid_option(
+                                "qcow2",
+                                "Could not open data file: the image names no external data file and no 'data-file' was given",
+                            ))
+                        }
+                    },
+                    (None, false) => None,
+                };
+                if let Some(v) = data_file {
+                    children.push((
+                        Role::Data,
+                        child(w, &v, &child_inherit, false, created).await?,
+                    ));
+                }
+                match &o.backing {
+                    Some(Value::Null) => {}
+                    Some(b) => children.push((
+                        Role::Backing,
+                        child(w, b, &child_inherit, true, created).await?,
+                    )),
+                    None => {
+                        let links = sluice_qcow2::chain::resolve(image.as_deref(), d.header())?;
+                        if !links.is_empty() {
+                            let b = open_header_chain(w, &links, &child_inherit).await?;
+                            created.push(b.clone());
+                            children.push((Role::Backing, b));
+                        }
+                    }
+                }
+                let size = d.size();
+                (Box::new(d), size)
+            }
             "blkdebug" => {
                 let o: BlkdebugOptions = driver_opts("blkdebug", map)?;
                 let d = BlkdebugDriver::open(&o)?;
@@ -266,6 +319,43 @@ async fn child(
     }
 }
 
+/// Opens the backing chain an image header names, bottom up, as implicit
+/// read-only nodes (QEMU's `bdrv_open_backing_file`); returns its top.
+/// On failure, what was opened goes again.
+async fn open_header_chain(
+    w: &GraphWriter<'_>,
+    links: &[sluice_qcow2::chain::ChainLink],
+    inherited: &CommonOptions,
+) -> Result<Arc<Node>> {
+    let mut below: Option<Arc<Node>> = None;
+    for link in links.iter().rev() {
+        let mut opts = serde_json::json!({
+            "driver": link.format,
+            "file": {"driver": "file", "filename": link.filename},
+        });
+        if link.format == "qcow2" {
+            opts["backing"] = match &below {
+                Some(n) => Value::String(n.name().to_string()),
+                None => Value::Null,
+            };
+        }
+        let mut opened = Vec::new();
+        match child(w, &opts, inherited, true, &mut opened).await {
+            Ok(n) => below = Some(n),
+            Err(e) => {
+                // The node below is implicit: deleting the partial chain's
+                // top closes it all.
+                if let Some(n) = below {
+                    let drained = w.drain(&n).await;
+                    let _ = w.delete_node(&drained, &n).await;
+                }
+                return Err(e);
+            }
+        }
+    }
+    below.ok_or_else(|| Error::Other("empty backing chain".into()))
+}
+
 /// The magic number at the start of a qcow2 image.
 const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
 
@@ -298,9 +388,6 @@ pub fn image_options(filename: &str, format: Option<&str>) -> std::result::Resul
             .map_err(|e| e.to_string())?
             .to_string(),
     };
-    if format == "qcow2" {
-        return Err(format!("Could not open '{filename}': the image is qcow2, and sluice's qcow2 driver has not landed yet"));
-    }
     if !DRIVERS.contains(&format.as_str()) {
         return Err(format!("Unknown driver '{format}'"));
     }

@@ -1,0 +1,1170 @@
+//! Writes: cluster allocation with refcounts (any width), copy-on-write of
+//! partial clusters from what the cluster showed before (backing chain,
+//! compressed data, zeroes), the zero flag for write-zeroes and discard.
+//!
+//! Ordering, for crash safety (refcounts never undercount, no L2 entry
+//! points at an unreferenced cluster):
+//!
+//! 1. a new refcount block is written and flushed before the refcount
+//!    table points at it;
+//! 2. a new cluster's refcount and its contents are flushed before the L2
+//!    (or L1) entry that publishes it is written;
+//! 3. a cluster an entry stopped using is freed only after that entry's
+//!    change is flushed.
+//!
+//! New clusters are taken from the end of the file and freed clusters are
+//! not reused, so a crash can at worst leak clusters. Allocating requests
+//! are serialised by one lock; overwrites of clusters this image owns
+//! alone (the common case) write in place.
+
+use crate::driver::{read_clipped, read_meta, Qcow2Driver};
+use crate::format::{corrupt, Header, L2Entry, COPIED, OFFSET_MASK, ZERO_FLAG};
+use sluice_core::{DebugEvent, Error, IoBuf, IoBytes, Node, Result, WriteFlags, ZeroFlags};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::Arc;
+
+/// Bytes of refcount blocks kept in memory by default (QEMU's default
+/// `refcount-cache-size` is a quarter of the L2 cache; 1 MiB is about
+/// that for the default L2 cache of a large disk). Blocks are
+/// write-through, so dropping them is always safe.
+const DEFAULT_REFCOUNT_CACHE: u64 = 1 << 20;
+
+/// A subcluster bitmap saying every subcluster reads as zeroes.
+const ALL_ZERO: u64 = 0xffff_ffff << 32;
+
+/// A new cluster written but not yet published in its L2 table.
+struct Pending {
+    l2_off: u64,
+    idx: usize,
+    entry: u64,
+    /// The subcluster bitmap, with extended L2 entries.
+    bitmap: Option<u64>,
+    old: L2Entry,
+}
+
+pub struct Writer {
+    /// Whether the header's autoclear bits were dealt with (mirrors
+    /// `State::header_done` for the lock-free path).
+    prepared: std::sync::atomic::AtomicBool,
+    refusal: Option<&'static str>,
+    state: tokio::sync::Mutex<State>,
+}
+
+struct State {
+    reftable: Vec<u64>,
+    /// Where the refcount table is now (it moves when it grows).
+    rt_offset: u64,
+    blocks: HashMap<u64, Vec<u8>>,
+    /// Where the next cluster is allocated: the end of the file.
+    next_free: u64,
+    /// Whether the header's autoclear bits were cleared already.
+    header_done: bool,
+    /// How many refcount blocks `blocks` may hold.
+    max_blocks: usize,
+}
+
+/// The refcount at entry `idx` of a block with `1 << order`-bit entries.
+fn rc_get(block: &[u8], idx: u64, order: u32) -> u64 {
+    let w = 1u64 << order;
+    if w >= 8 {
+        let bytes = (w / 8) as usize;
+        let at = idx as usize * bytes;
+        block[at..at + bytes]
+            .iter()
+            .fold(0u64, |acc, &b| (acc << 8) | u64::from(b))
+    } else {
+        let bit = idx * w;
+        let byte = block[(bit / 8) as usize];
+        (u64::from(byte) >> (bit % 8)) & ((1 << w) - 1)
+    }
+}
+
+/// Sets entry `idx`; returns the byte range that changed.
+fn rc_put(block: &mut [u8], idx: u64, order: u32, v: u64) -> (usize, usize) {
+    let w = 1u64 << order;
+    if w >= 8 {
+        let bytes = (w / 8) as usize;
+        let at = idx as usize * bytes;
+        for i in 0..bytes {
+            block[at + i] = (v >> (8 * (bytes - 1 - i))) as u8;
+        }
+        (at, bytes)
+    } else {
+        let bit = idx * w;
+        let at = (bit / 8) as usize;
+        let shift = bit % 8;
+        let mask = (((1u64 << w) - 1) << shift) as u8;
+        block[at] = (block[at] & !mask) | (((v << shift) as u8) & mask);
+        (at, 1)
+    }
+}
+
+fn grow(file: &Node, end: u64) {
+    if end > file.size() {
+        file.set_size(end);
+    }
+}
+
+impl Writer {
+    /// Opens the write side; `refcount_cache` bounds the bytes of refcount
+    /// blocks kept in memory (`refcount-cache-size`).
+    pub async fn open(
+        file: &Arc<Node>,
+        h: &Header,
+        name: &str,
+        refcount_cache: Option<u64>,
+    ) -> Result<Writer> {
+        let refusal = if h.has_data_file() {
+            Some("writing to a qcow2 image with an external data file (not implemented yet)")
+        } else if h.nb_snapshots > 0 {
+            Some("writing to a qcow2 image with internal snapshots (not implemented yet)")
+        } else {
+            None
+        };
+        let cs = h.cluster_size();
+        let reftable = if refusal.is_none() {
+            let bytes = u64::from(h.refcount_table_clusters) * cs;
+            let raw = read_meta(
+                file,
+                h.refcount_table_offset,
+                bytes,
+                "reference count table",
+                name,
+            )
+            .await?;
+            crate::driver::decode_table(&raw).to_vec()
+        } else {
+            Vec::new()
+        };
+        Ok(Writer {
+            prepared: std::sync::atomic::AtomicBool::new(false),
+            refusal,
+            state: tokio::sync::Mutex::new(State {
+                reftable,
+                rt_offset: h.refcount_table_offset,
+                blocks: HashMap::new(),
+                next_free: file.size().div_ceil(cs) * cs,
+                header_done: false,
+                max_blocks: (refcount_cache.unwrap_or(DEFAULT_REFCOUNT_CACHE) / cs).max(2) as usize,
+            }),
+        })
+    }
+
+    /// Why writes to this image are refused, if they are.
+    pub fn refusal(&self) -> Option<&'static str> {
+        self.refusal
+    }
+
+    fn rb_bits(d: &Qcow2Driver) -> u32 {
+        let h = d.header();
+        h.cluster_bits + 3 - h.refcount_order
+    }
+
+    /// Where cluster `off`'s refcount lives: (table index, entry index).
+    fn rc_pos(d: &Qcow2Driver, off: u64) -> (usize, u64) {
+        let c = off >> d.header().cluster_bits;
+        let rb = Self::rb_bits(d);
+        ((c >> rb) as usize, c & ((1u64 << rb) - 1))
+    }
+
+    async fn load_block(d: &Qcow2Driver, file: &Node, st: &mut State, boff: u64) -> Result<()> {
+        if st.blocks.contains_key(&boff) {
+            return Ok(());
+        }
+        if st.blocks.len() >= st.max_blocks {
+            st.blocks.clear();
+        }
+        file.debug_event(DebugEvent::RefblockLoad).await;
+        let cs = d.header().cluster_size();
+        let raw = read_meta(file, boff, cs, "refcount block", d.name()).await?;
+        st.blocks.insert(boff, raw.to_vec());
+        Ok(())
+    }
+
+    async fn refcount(d: &Qcow2Driver, file: &Node, st: &mut State, off: u64) -> Result<u64> {
+        let (bi, idx) = Self::rc_pos(d, off);
+        let boff = st.reftable.get(bi).copied().unwrap_or(0) & OFFSET_MASK;
+        if boff == 0 {
+            return Ok(0);
+        }
+        Self::load_block(d, file, st, boff).await?;
+        Ok(rc_get(&st.blocks[&boff], idx, d.header().refcount_order))
+    }
+
+    /// Makes sure the refcount block covering `off` exists; a new one is
+    /// placed at `st.next_free` (which is then `off` itself: the block
+    /// counts itself).
+    async fn ensure_block(d: &Qcow2Driver, file: &Node, st: &mut State, off: u64) -> Result<()> {
+        let (bi, _) = Self::rc_pos(d, off);
+        if bi >= st.reftable.len() {
+            // The table moves and the allocation pointer with it: the
+            // caller starts over at the new `next_free`.
+            return Self::grow_reftable(d, file, st, bi).await;
+        }
+        if st.reftable[bi] & OFFSET_MASK != 0 {
+            return Ok(());
+        }
+        let b = st.next_free;
+        let (bbi, bidx) = Self::rc_pos(d, b);
+        if bbi != bi {
+            return Err(Error::Other(format!(
+                "{}: internal error: new refcount block at {b:#x} outside its own range",
+                d.name()
+            )));
+        }
+        let cs = d.header().cluster_size();
+        file.debug_event(DebugEvent::RefblockAlloc).await;
+        let mut block = vec![0u8; cs as usize];
+        rc_put(&mut block, bidx, d.header().refcount_order, 1);
+        grow(file, b + cs);
+        file.write(b, IoBytes::copy_from(&block), WriteFlags::default())
+            .await?;
+        file.flush().await?;
+        let rt = st.rt_offset + bi as u64 * 8;
+        file.debug_event(DebugEvent::RefblockAllocHookup).await;
+        file.write(
+            rt,
+            IoBytes::copy_from(&b.to_be_bytes()),
+            WriteFlags::default(),
+        )
+        .await?;
+        st.reftable[bi] = b;
+        if st.blocks.len() >= st.max_blocks {
+            st.blocks.clear();
+        }
+        st.blocks.insert(b, block);
+        st.next_free = b + cs;
+        Ok(())
+    }
+
+    /// Grows the refcount table to cover table index `bi`: the new table
+    /// and the refcount blocks it needs for itself go at the end of the
+    /// file, are written and flushed, then the header is switched to it
+    /// and flushed, and only then the old table is freed.
+    async fn grow_reftable(d: &Qcow2Driver, file: &Node, st: &mut State, bi: usize) -> Result<()> {
+        let h = d.header();
+        let cs = h.cluster_size();
+        let cb = h.cluster_bits;
+        let per_cluster = (cs / 8) as usize;
+        let want = (bi + 1).max(st.reftable.len() * 2);
+        let new_len = want.div_ceil(per_cluster) * per_cluster;
+        let ntc = (new_len / per_cluster) as u64;
+        if ntc * cs > crate::format::MAX_REFTABLE_BYTES {
+            return Err(Error::Other(format!(
+                "{}: the refcount table would exceed {} bytes",
+                d.name(),
+                crate::format::MAX_REFTABLE_BYTES
+            )));
+        }
+        file.debug_event(DebugEvent::ReftableGrow).await;
+        let t = st.next_free;
+        let rb = Self::rb_bits(d);
+        let block_of = |off: u64| ((off >> cb) >> rb) as usize;
+        let has_block = |st: &State, b: usize| st.reftable.get(b).is_some_and(|&e| e != 0);
+        // New blocks go right after the table; find how many are needed
+        // to count the table and themselves.
+        let mut nb = 0u64;
+        let new_blocks: Vec<usize> = loop {
+            let end = t + (ntc + nb) * cs;
+            let mut need: Vec<usize> = Vec::new();
+            let mut c = t;
+            while c < end {
+                let b = block_of(c);
+                if !has_block(st, b) && !need.contains(&b) {
+                    need.push(b);
+                }
+                c += cs;
+            }
+            if need.len() as u64 == nb {
+                break need;
+            }
+            nb = need.len() as u64;
+        };
+        let end = t + (ntc + nb) * cs;
+        let mut table = st.reftable.clone();
+        table.resize(new_len, 0);
+        let mut blocks: Vec<(u64, Vec<u8>)> = Vec::new();
+        for (k, &b) in new_blocks.iter().enumerate() {
+            if b >= new_len {
+                return Err(Error::Other(format!(
+                    "{}: internal error: growing the refcount table",
+                    d.name()
+                )));
+            }
+            let boff = t + (ntc + k as u64) * cs;
+            table[b] = boff;
+            blocks.push((boff, vec![0u8; cs as usize]));
+        }
+        // Count every cluster of [t, end): in a new block, or in an old one.
+        let mut c = t;
+        while c < end {
+            let (b, idx) = Self::rc_pos(d, c);
+            if let Some(k) = new_blocks.iter().position(|&x| x == b) {
+                rc_put(&mut blocks[k].1, idx, h.refcount_order, 1);
+            } else {
+                Self::set_refcount(d, file, st, c, 1).await?;
+            }
+            c += cs;
+        }
+        grow(file, end);
+        for (boff, block) in &blocks {
+            file.write(*boff, IoBytes::copy_from(block), WriteFlags::default())
+                .await?;
+        }
+        let mut raw = Vec::with_capacity(new_len * 8);
+        for e in &table {
+            raw.extend_from_slice(&e.to_be_bytes());
+        }
+        file.write(t, IoBytes::copy_from(&raw), WriteFlags::default())
+            .await?;
+        file.flush().await?;
+        // Switch the header to the new table.
+        let mut hdr = Vec::with_capacity(12);
+        hdr.extend_from_slice(&t.to_be_bytes());
+        hdr.extend_from_slice(&(ntc as u32).to_be_bytes());
+        file.debug_event(DebugEvent::ReftableUpdate).await;
+        file.write(48, IoBytes::copy_from(&hdr), WriteFlags::default())
+            .await?;
+        file.flush().await?;
+        let old = (st.rt_offset, st.reftable.len() as u64 * 8);
+        st.reftable = table;
+        st.rt_offset = t;
+        for (boff, block) in blocks {
+            if st.blocks.len() >= st.max_blocks {
+                st.blocks.clear();
+            }
+            st.blocks.insert(boff, block);
+        }
+        st.next_free = end;
+        // The old table is no longer referenced by the (durable) header.
+        let cb_mask = cs - 1;
+        let old_len = (old.1 + cb_mask) & !cb_mask;
+        let mut c = old.0;
+        while c < old.0 + old_len {
+            let rc = Self::refcount(d, file, st, c).await?;
+            if rc > 0 {
+                Self::set_refcount(d, file, st, c, rc - 1).await?;
+            }
+            c += cs;
+        }
+        Ok(())
+    }
+
+    async fn set_refcount(
+        d: &Qcow2Driver,
+        file: &Node,
+        st: &mut State,
+        off: u64,
+        v: u64,
+    ) -> Result<()> {
+        let order = d.header().refcount_order;
+        if order < 6 && v >> (1u32 << order) != 0 {
+            return Err(Error::Other(format!(
+                "{}: refcount of cluster {off:#x} would overflow {} bits",
+                d.name(),
+                1u32 << order
+            )));
+        }
+        let (bi, idx) = Self::rc_pos(d, off);
+        let boff = st.reftable.get(bi).copied().unwrap_or(0) & OFFSET_MASK;
+        if boff == 0 {
+            return Err(corrupt(
+                d.name(),
+                format!("no refcount block for cluster {off:#x}"),
+            ));
+        }
+        Self::load_block(d, file, st, boff).await?;
+        let block = st.blocks.get_mut(&boff).expect("loaded");
+        let (at, n) = rc_put(block, idx, order, v);
+        let bytes = IoBytes::copy_from(&block[at..at + n]);
+        file.debug_event(DebugEvent::RefblockUpdate).await;
+        file.write(boff + at as u64, bytes, WriteFlags::default())
+            .await
+    }
+
+    /// Allocates one cluster (refcount 1) at the end of the file.
+    async fn alloc(d: &Qcow2Driver, file: &Node, st: &mut State) -> Result<u64> {
+        let cs = d.header().cluster_size();
+        file.debug_event(DebugEvent::ClusterAlloc).await;
+        loop {
+            let off = st.next_free;
+            Self::ensure_block(d, file, st, off).await?;
+            if st.next_free != off {
+                continue;
+            }
+            if Self::refcount(d, file, st, off).await? != 0 {
+                st.next_free += cs;
+                continue;
+            }
+            Self::set_refcount(d, file, st, off, 1).await?;
+            st.next_free = off + cs;
+            return Ok(off);
+        }
+    }
+
+    /// Drops one reference to every cluster of `[host, host + len)`, after
+    /// the entries that used them are durably gone.
+    async fn free_all(
+        d: &Qcow2Driver,
+        file: &Node,
+        st: &mut State,
+        to_free: Vec<(u64, u64)>,
+    ) -> Result<()> {
+        if to_free.is_empty() {
+            return Ok(());
+        }
+        file.flush().await?;
+        let cb = d.header().cluster_bits;
+        for (host, len) in to_free {
+            let first = host >> cb;
+            let last = (host + len.max(1) - 1) >> cb;
+            for c in first..=last {
+                let off = c << cb;
+                let rc = Self::refcount(d, file, st, off).await?;
+                if rc == 0 {
+                    return Err(corrupt(
+                        d.name(),
+                        format!("freeing cluster {off:#x}, whose refcount is already 0"),
+                    ));
+                }
+                file.debug_event(DebugEvent::ClusterFree).await;
+                Self::set_refcount(d, file, st, off, rc - 1).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Clears autoclear bits before the first change (bitmaps and other
+    /// extensions sluice does not keep up to date become invalid, as the
+    /// spec asks).
+    async fn prepare(d: &Qcow2Driver, file: &Node, st: &mut State) -> Result<()> {
+        if st.header_done {
+            return Ok(());
+        }
+        if d.header().version >= 3 && d.header().autoclear_features != 0 {
+            file.write(88, IoBytes::copy_from(&[0u8; 8]), WriteFlags::default())
+                .await?;
+            file.flush().await?;
+        }
+        st.header_done = true;
+        Ok(())
+    }
+
+    /// Writes a standard L2 entry and updates the cached table.
+    async fn set_l2_entry(
+        d: &Qcow2Driver,
+        file: &Node,
+        l2_off: u64,
+        idx: usize,
+        val: u64,
+    ) -> Result<()> {
+        Self::set_l2_words(d, file, l2_off, idx, &[val]).await
+    }
+
+    /// Writes consecutive 64-bit words of an L2 table from word `at` on
+    /// (an entry, a subcluster bitmap, or both) and updates the cache.
+    async fn set_l2_words(
+        d: &Qcow2Driver,
+        file: &Node,
+        l2_off: u64,
+        at: usize,
+        words: &[u64],
+    ) -> Result<()> {
+        let old = d.l2_table(file, l2_off).await?;
+        file.debug_event(DebugEvent::L2Update).await;
+        let mut raw = Vec::with_capacity(words.len() * 8);
+        for w in words {
+            raw.extend_from_slice(&w.to_be_bytes());
+        }
+        file.write(
+            l2_off + at as u64 * 8,
+            IoBytes::copy_from(&raw),
+            WriteFlags::default(),
+        )
+        .await?;
+        let mut t = old.to_vec();
+        t[at..at + words.len()].copy_from_slice(words);
+        d.l2_epoch.fetch_add(1, SeqCst);
+        d.l2_cache.insert(l2_off, t.into());
+        Ok(())
+    }
+
+    /// The L2 table mapping `guest`, allocated (and owned by this image
+    /// alone) for a write; returns its offset and the entry index.
+    async fn l2_for_write(
+        d: &Qcow2Driver,
+        file: &Node,
+        st: &mut State,
+        guest: u64,
+    ) -> Result<(u64, usize)> {
+        let h = d.header();
+        let cb = h.cluster_bits;
+        let l2_bits = h.l2_bits();
+        let cs = h.cluster_size();
+        let l1_idx = (guest >> (cb + l2_bits)) as usize;
+        let idx = ((guest >> cb) & ((1u64 << l2_bits) - 1)) as usize;
+        let l1e = d.l1.read().get(l1_idx).copied().ok_or_else(|| {
+            corrupt(
+                d.name(),
+                format!("guest offset {guest:#x} is beyond the L1 table"),
+            )
+        })?;
+        let old = l1e & OFFSET_MASK;
+        if old != 0 && !old.is_multiple_of(cs) {
+            return Err(corrupt(
+                d.name(),
+                format!("L2 table offset {old:#x} unaligned (L1 index {l1_idx:#x})"),
+            ));
+        }
+        if old != 0 {
+            if l1e & COPIED == 0 {
+                // Only an L2 table this image alone uses may change in place.
+                if Self::refcount(d, file, st, old).await? != 1 {
+                    return Err(Error::Other(format!(
+                        "{}: L2 table {old:#x} is shared; copying shared tables is not implemented yet",
+                        d.name()
+                    )));
+                }
+                Self::set_l1_entry(d, file, l1_idx, old | COPIED).await?;
+            }
+            return Ok((old, idx));
+        }
+        let new = Self::alloc(d, file, st).await?;
+        file.debug_event(DebugEvent::L2AllocWrite).await;
+        grow(file, new + cs);
+        file.write(
+            new,
+            IoBuf::zeroed(cs as usize).freeze(),
+            WriteFlags::default(),
+        )
+        .await?;
+        file.flush().await?;
+        Self::set_l1_entry(d, file, l1_idx, new | COPIED).await?;
+        Ok((new, idx))
+    }
+
+    async fn set_l1_entry(d: &Qcow2Driver, file: &Node, l1_idx: usize, val: u64) -> Result<()> {
+        file.debug_event(DebugEvent::L1Update).await;
+        file.write(
+            d.header().l1_table_offset + l1_idx as u64 * 8,
+            IoBytes::copy_from(&val.to_be_bytes()),
+            WriteFlags::default(),
+        )
+        .await?;
+        d.l1.write()[l1_idx] = val;
+        Ok(())
+    }
+
+    fn decode(d: &Qcow2Driver, word: u64, guest: u64) -> Result<L2Entry> {
+        d.layout()
+            .decode(word)
+            .map_err(|e| corrupt(d.name(), format!("{e} at guest offset {guest:#x}")))
+    }
+
+    /// Writes `bytes` at `within` of the guest cluster at `guest`.
+    #[allow(clippy::too_many_arguments)]
+    async fn write_cluster(
+        d: &Qcow2Driver,
+        node: &Node,
+        file: &Node,
+        st: &mut State,
+        guest: u64,
+        within: usize,
+        bytes: IoBytes,
+        copy_on_read: bool,
+        pending: &mut Vec<Pending>,
+    ) -> Result<()> {
+        if d.layout().extended_l2 {
+            return Self::write_cluster_ext(
+                d,
+                node,
+                file,
+                st,
+                guest,
+                within,
+                bytes,
+                copy_on_read,
+                pending,
+            )
+            .await;
+        }
+        let cs = d.header().cluster_size();
+        let (l2_off, idx) = Self::l2_for_write(d, file, st, guest).await?;
+        let word = d.l2_table(file, l2_off).await?[idx];
+        let entry = Self::decode(d, word, guest)?;
+        if copy_on_read && entry != L2Entry::Unallocated {
+            return Ok(());
+        }
+        if let L2Entry::Normal { host } = entry {
+            if word & COPIED != 0 {
+                file.debug_event(DebugEvent::WriteAio).await;
+                return file
+                    .write(host + within as u64, bytes, WriteFlags::default())
+                    .await;
+            }
+        }
+        // A new cluster: what the cluster showed, with the new bytes over it.
+        let mut buf = IoBuf::zeroed(cs as usize);
+        if bytes.len() < cs as usize {
+            match entry {
+                L2Entry::Normal { host } => {
+                    file.debug_event(DebugEvent::CowRead).await;
+                    read_clipped(file, host, buf.as_read_buf()).await?;
+                }
+                L2Entry::Compressed { host, len } => {
+                    buf = d.read_compressed(file, host, len, guest).await?;
+                }
+                L2Entry::Zero { .. } => {}
+                L2Entry::Unallocated => {
+                    file.debug_event(DebugEvent::CowRead).await;
+                    let visible = cs.min(node.size() - guest) as usize;
+                    d.read_backing(node, guest, buf.as_read_buf().slice(0..visible))
+                        .await?;
+                }
+            }
+        }
+        buf[within..within + bytes.len()].copy_from_slice(&bytes);
+        let new = Self::alloc(d, file, st).await?;
+        grow(file, new + cs);
+        file.debug_event(DebugEvent::CowWrite).await;
+        file.write(new, buf.freeze(), WriteFlags::default()).await?;
+        pending.push(Pending {
+            l2_off,
+            idx,
+            entry: new | COPIED,
+            bitmap: None,
+            old: entry,
+        });
+        Ok(())
+    }
+
+    /// [`Self::write_cluster`] with extended L2 entries: only the
+    /// subclusters the write touches are allocated; the edges of the write
+    /// are filled from what those subclusters showed before.
+    #[allow(clippy::too_many_arguments)]
+    async fn write_cluster_ext(
+        d: &Qcow2Driver,
+        node: &Node,
+        file: &Node,
+        st: &mut State,
+        guest: u64,
+        within: usize,
+        bytes: IoBytes,
+        copy_on_read: bool,
+        pending: &mut Vec<Pending>,
+    ) -> Result<()> {
+        let cs = d.header().cluster_size() as usize;
+        let sc_bits = d.header().cluster_bits - 5;
+        let scs = 1usize << sc_bits;
+        let n = bytes.len();
+        let (l2_off, idx) = Self::l2_for_write(d, file, st, guest).await?;
+        let t = d.l2_table(file, l2_off).await?;
+        let (word, bitmap) = (t[2 * idx], t[2 * idx + 1]);
+        let entry = Self::decode(d, word, guest)?;
+        let alloc = bitmap as u32;
+        let zero = (bitmap >> 32) as u32;
+        let first = within >> sc_bits;
+        let last = (within + n - 1) >> sc_bits;
+        let mask = (((1u64 << (last + 1)) - 1) & !((1u64 << first) - 1)) as u32;
+        if copy_on_read
+            && (matches!(entry, L2Entry::Compressed { .. }) || (alloc | zero) & mask != 0)
+        {
+            return Ok(());
+        }
+        if let L2Entry::Compressed { host, len } = entry {
+            let mut buf = d.read_compressed(file, host, len, guest).await?;
+            buf[within..within + n].copy_from_slice(&bytes);
+            let new = Self::alloc(d, file, st).await?;
+            grow(file, new + cs as u64);
+            file.debug_event(DebugEvent::CowWrite).await;
+            file.write(new, buf.freeze(), WriteFlags::default()).await?;
+            pending.push(Pending {
+                l2_off,
+                idx,
+                entry: new | COPIED,
+                bitmap: Some(0xffff_ffff),
+                old: entry,
+            });
+            return Ok(());
+        }
+        let host = match entry {
+            L2Entry::Normal { host } if word & COPIED != 0 => Some(host),
+            L2Entry::Normal { .. } => {
+                return Err(Error::Other(format!(
+                    "{}: cluster at guest offset {guest:#x} is shared; copying shared clusters is not implemented yet",
+                    d.name()
+                )))
+            }
+            _ => None,
+        };
+        if host.is_none() && alloc != 0 {
+            return Err(corrupt(
+                d.name(),
+                format!("subclusters allocated at guest offset {guest:#x} in a cluster without a host offset"),
+            ));
+        }
+        if let Some(h) = host {
+            if alloc & mask == mask {
+                file.debug_event(DebugEvent::WriteAio).await;
+                return file
+                    .write(h + within as u64, bytes, WriteFlags::default())
+                    .await;
+            }
+        }
+        // Whole subclusters: the edges the write covers only in part keep
+        // what they showed.
+        let rs = first << sc_bits;
+        let re = (last + 1) << sc_bits;
+        let mut buf = IoBuf::zeroed(re - rs);
+        let mut edges = vec![first];
+        if last != first {
+            edges.push(last);
+        }
+        for sc in edges {
+            let s0 = sc << sc_bits;
+            let s1 = s0 + scs;
+            if within <= s0 && within + n >= s1 {
+                continue;
+            }
+            let dst = buf.as_read_buf().slice(s0 - rs..s1 - rs);
+            if (alloc >> sc) & 1 == 1 {
+                read_clipped(file, host.expect("checked") + s0 as u64, dst).await?;
+            } else if (zero >> sc) & 1 == 0 {
+                let g = guest + s0 as u64;
+                let visible = (scs as u64).min(node.size().saturating_sub(g)) as usize;
+                if visible > 0 {
+                    file.debug_event(DebugEvent::CowRead).await;
+                    d.read_backing(node, g, dst.slice(0..visible)).await?;
+                }
+            }
+        }
+        buf[within - rs..within - rs + n].copy_from_slice(&bytes);
+        let new_bitmap = u64::from(alloc | mask) | (u64::from(zero & !mask) << 32);
+        match host {
+            Some(h) => {
+                file.debug_event(DebugEvent::WriteAio).await;
+                file.write(h + rs as u64, buf.freeze(), WriteFlags::default())
+                    .await?;
+                Self::set_l2_words(d, file, l2_off, 2 * idx + 1, &[new_bitmap]).await?;
+            }
+            None => {
+                let new = Self::alloc(d, file, st).await?;
+                let mut full = IoBuf::zeroed(cs);
+                full[rs..re].copy_from_slice(&buf);
+                grow(file, new + cs as u64);
+                file.debug_event(DebugEvent::WriteAio).await;
+                file.write(new, full.freeze(), WriteFlags::default())
+                    .await?;
+                pending.push(Pending {
+                    l2_off,
+                    idx,
+                    entry: new | COPIED,
+                    bitmap: Some(new_bitmap),
+                    old: entry,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets the zero bits (and clears the allocation bits) of the
+    /// subclusters `mask` of the cluster at `guest`.
+    async fn zero_subclusters(
+        d: &Qcow2Driver,
+        file: &Node,
+        st: &mut State,
+        guest: u64,
+        mask: u32,
+    ) -> Result<()> {
+        let (l2_off, idx) = Self::l2_for_write(d, file, st, guest).await?;
+        let bitmap = d.l2_table(file, l2_off).await?[2 * idx + 1];
+        let alloc = bitmap as u32 & !mask;
+        let zero = (bitmap >> 32) as u32 | mask;
+        let new = u64::from(alloc) | (u64::from(zero) << 32);
+        if new != bitmap {
+            Self::set_l2_words(d, file, l2_off, 2 * idx + 1, &[new]).await?;
+        }
+        Ok(())
+    }
+
+    /// Publishes new clusters: their refcounts and contents are made
+    /// durable first, then the L2 entries point at them; what the entries
+    /// used before is queued for freeing.
+    async fn publish(
+        d: &Qcow2Driver,
+        file: &Node,
+        pending: Vec<Pending>,
+        to_free: &mut Vec<(u64, u64)>,
+    ) -> Result<()> {
+        if pending.is_empty() {
+            return Ok(());
+        }
+        file.flush().await?;
+        let cs = d.header().cluster_size();
+        for p in pending {
+            match p.bitmap {
+                Some(b) => Self::set_l2_words(d, file, p.l2_off, 2 * p.idx, &[p.entry, b]).await?,
+                None => Self::set_l2_entry(d, file, p.l2_off, p.idx, p.entry).await?,
+            }
+            Self::release(p.old, cs, to_free);
+        }
+        Ok(())
+    }
+
+    /// Where each cluster piece of `[offset, offset + len)` lies, if every
+    /// one is a normal cluster with refcount one (writable in place).
+    async fn in_place(
+        d: &Qcow2Driver,
+        file: &Node,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<Vec<(u64, usize)>>> {
+        let h = d.header();
+        let cb = h.cluster_bits;
+        let cs = h.cluster_size();
+        let l2_bits = h.l2_bits();
+        let mut out = Vec::new();
+        let mut pos = offset;
+        while pos < offset + len {
+            let within = pos % cs;
+            let n = (cs - within).min(offset + len - pos);
+            let l1_idx = (pos >> (cb + l2_bits)) as usize;
+            let l1e = d.l1.read().get(l1_idx).copied().unwrap_or(0);
+            let l2_off = l1e & OFFSET_MASK;
+            if l2_off == 0 || l1e & COPIED == 0 || !l2_off.is_multiple_of(cs) {
+                return Ok(None);
+            }
+            let idx = ((pos >> cb) & ((1u64 << l2_bits) - 1)) as usize;
+            let t = d.l2_table(file, l2_off).await?;
+            let ext = d.layout().extended_l2;
+            let word = if ext { t[2 * idx] } else { t[idx] };
+            if ext {
+                let sc_bits = cb - 5;
+                let first = within >> sc_bits;
+                let last = (within + n - 1) >> sc_bits;
+                let mask = (((1u64 << (last + 1)) - 1) & !((1u64 << first) - 1)) as u32;
+                if (t[2 * idx + 1] as u32) & mask != mask {
+                    return Ok(None);
+                }
+            }
+            match Self::decode(d, word, pos - within)? {
+                L2Entry::Normal { host } if word & COPIED != 0 => {
+                    out.push((host + within, n as usize))
+                }
+                _ => return Ok(None),
+            }
+            pos += n;
+        }
+        Ok(Some(out))
+    }
+
+    /// Remembers the clusters `entry` used, to free once it is replaced.
+    fn release(entry: L2Entry, cs: u64, to_free: &mut Vec<(u64, u64)>) {
+        match entry {
+            L2Entry::Normal { host } | L2Entry::Zero { host: Some(host) } => {
+                to_free.push((host, cs))
+            }
+            L2Entry::Compressed { host, len } => to_free.push((host, len)),
+            L2Entry::Zero { host: None } | L2Entry::Unallocated => {}
+        }
+    }
+
+    /// Points the whole guest cluster at `guest` to `new_entry` (zero or
+    /// unallocated), freeing what it used.
+    async fn unmap_cluster(
+        d: &Qcow2Driver,
+        file: &Node,
+        st: &mut State,
+        guest: u64,
+        new_entry: u64,
+        to_free: &mut Vec<(u64, u64)>,
+    ) -> Result<()> {
+        let (l2_off, idx) = Self::l2_for_write(d, file, st, guest).await?;
+        let t = d.l2_table(file, l2_off).await?;
+        if d.layout().extended_l2 {
+            // Every subcluster reads as zeroes; the host cluster goes.
+            let words = [0, ALL_ZERO];
+            if t[2 * idx..2 * idx + 2] == words {
+                return Ok(());
+            }
+            let entry = Self::decode(d, t[2 * idx], guest)?;
+            Self::set_l2_words(d, file, l2_off, 2 * idx, &words).await?;
+            Self::release(entry, d.header().cluster_size(), to_free);
+            return Ok(());
+        }
+        let word = t[idx];
+        if word == new_entry {
+            return Ok(());
+        }
+        let entry = Self::decode(d, word, guest)?;
+        Self::set_l2_entry(d, file, l2_off, idx, new_entry).await?;
+        Self::release(entry, d.header().cluster_size(), to_free);
+        Ok(())
+    }
+
+    pub async fn write(
+        &self,
+        d: &Qcow2Driver,
+        node: &Node,
+        offset: u64,
+        data: IoBytes,
+        flags: WriteFlags,
+    ) -> Result<()> {
+        let file = d.file(node)?;
+        let cs = d.header().cluster_size();
+        let len = data.len() as u64;
+        // Overwrites of clusters this image alone owns need no metadata
+        // change and no lock. (Freed clusters are never reused, so a
+        // cluster freed meanwhile only loses a write that raced with its
+        // discard.)
+        if !flags.copy_on_read && self.prepared.load(SeqCst) {
+            if let Some(hosts) = Self::in_place(d, &file, offset, len).await? {
+                let mut done = 0usize;
+                for (host, n) in hosts {
+                    file.debug_event(DebugEvent::WriteAio).await;
+                    file.write(host, data.slice(done..done + n), WriteFlags::default())
+                        .await?;
+                    done += n;
+                }
+                if flags.fua {
+                    file.flush().await?;
+                }
+                return Ok(());
+            }
+        }
+        let mut st = self.state.lock().await;
+        Self::prepare(d, &file, &mut st).await?;
+        self.prepared.store(true, SeqCst);
+        let mut to_free = Vec::new();
+        let mut pending = Vec::new();
+        let mut done = 0u64;
+        let mut res = Ok(());
+        while done < len {
+            let pos = offset + done;
+            let within = pos % cs;
+            let n = (cs - within).min(len - done);
+            let piece = data.slice(done as usize..(done + n) as usize);
+            res = Self::write_cluster(
+                d,
+                node,
+                &file,
+                &mut st,
+                pos - within,
+                within as usize,
+                piece,
+                flags.copy_on_read,
+                &mut pending,
+            )
+            .await;
+            if res.is_err() {
+                break;
+            }
+            done += n;
+        }
+        // Clusters already written are published even when a later piece
+        // failed: their refcounts are taken.
+        Self::publish(d, &file, pending, &mut to_free).await?;
+        Self::free_all(d, &file, &mut st, to_free).await?;
+        res?;
+        if flags.fua {
+            file.flush().await?;
+        }
+        Ok(())
+    }
+
+    pub async fn write_zeroes(
+        &self,
+        d: &Qcow2Driver,
+        node: &Node,
+        offset: u64,
+        len: u64,
+        flags: ZeroFlags,
+    ) -> Result<()> {
+        if d.header().version < 3 {
+            return Err(Error::NotSupported {
+                node: node.name().to_string(),
+                driver: "qcow2",
+                what: "zero clusters in a version 2 image",
+            });
+        }
+        self.unmap_range(d, node, offset, len, ZERO_FLAG, true)
+            .await?;
+        if flags.fua {
+            d.file(node)?.flush().await?;
+        }
+        Ok(())
+    }
+
+    pub async fn discard(&self, d: &Qcow2Driver, node: &Node, offset: u64, len: u64) -> Result<()> {
+        // As QEMU: version 3 discarded clusters read as zeroes; version 2
+        // ones become unallocated, unless a backing file would show
+        // through (discard is advisory: then nothing changes).
+        if d.header().version >= 3 {
+            self.unmap_range(d, node, offset, len, ZERO_FLAG, false)
+                .await
+        } else if node.child(sluice_core::Role::Backing).is_some() {
+            Ok(())
+        } else {
+            self.unmap_range(d, node, offset, len, 0, false).await
+        }
+    }
+
+    /// Zeroes `[within, within + n)` of the cluster at `guest` with
+    /// extended L2 entries: whole subclusters by their zero bits, the
+    /// edges by writing zeroes.
+    #[allow(clippy::too_many_arguments)]
+    async fn zero_partial_ext(
+        &self,
+        d: &Qcow2Driver,
+        node: &Node,
+        file: &Node,
+        st: &mut State,
+        guest: u64,
+        within: u64,
+        n: u64,
+        pending: &mut Vec<Pending>,
+        to_free: &mut Vec<(u64, u64)>,
+    ) -> Result<()> {
+        let scs = 1u64 << (d.header().cluster_bits - 5);
+        let a = within.div_ceil(scs) * scs;
+        let b = (within + n) / scs * scs;
+        let mut pieces = Vec::new();
+        // A compressed cluster has no subclusters: it is rewritten whole.
+        let (l2_off, idx) = Self::l2_for_write(d, file, st, guest).await?;
+        let word = d.l2_table(file, l2_off).await?[2 * idx];
+        let compressed = matches!(Self::decode(d, word, guest)?, L2Entry::Compressed { .. });
+        if a < b && !compressed {
+            let m = (((1u64 << (b / scs)) - 1) & !((1u64 << (a / scs)) - 1)) as u32;
+            Self::zero_subclusters(d, file, st, guest, m).await?;
+            if within < a {
+                pieces.push((within, a - within));
+            }
+            if b < within + n {
+                pieces.push((b, within + n - b));
+            }
+        } else {
+            pieces.push((within, n));
+        }
+        for (at, len) in pieces {
+            let zeroes = IoBuf::zeroed(len as usize).freeze();
+            Self::write_cluster(
+                d,
+                node,
+                file,
+                st,
+                guest,
+                at as usize,
+                zeroes,
+                false,
+                pending,
+            )
+            .await?;
+            // A cluster allocated for the head must be published before
+            // the tail looks at the same entry.
+            Self::publish(d, file, std::mem::take(pending), to_free).await?;
+        }
+        Ok(())
+    }
+
+    /// Sets every whole cluster of the range to `new_entry`; partial
+    /// clusters get written zeroes when `zero_partial`, else stay.
+    async fn unmap_range(
+        &self,
+        d: &Qcow2Driver,
+        node: &Node,
+        offset: u64,
+        len: u64,
+        new_entry: u64,
+        zero_partial: bool,
+    ) -> Result<()> {
+        let file = d.file(node)?;
+        let cs = d.header().cluster_size();
+        let mut st = self.state.lock().await;
+        Self::prepare(d, &file, &mut st).await?;
+        let mut to_free = Vec::new();
+        let mut pending = Vec::new();
+        let end = offset + len;
+        let mut pos = offset;
+        let mut res = Ok(());
+        while pos < end {
+            let within = pos % cs;
+            let n = (cs - within).min(end - pos);
+            let guest = pos - within;
+            // The last cluster of a disk whose size is not cluster aligned
+            // is whole when the range reaches the disk's end.
+            let whole = within == 0 && (n == cs || pos + n == node.size());
+            let ext = d.layout().extended_l2;
+            res = if whole {
+                Self::unmap_cluster(d, &file, &mut st, guest, new_entry, &mut to_free).await
+            } else if zero_partial && ext {
+                self.zero_partial_ext(
+                    d,
+                    node,
+                    &file,
+                    &mut st,
+                    guest,
+                    within,
+                    n,
+                    &mut pending,
+                    &mut to_free,
+                )
+                .await
+            } else if zero_partial {
+                let zeroes = IoBuf::zeroed(n as usize).freeze();
+                Self::write_cluster(
+                    d,
+                    node,
+                    &file,
+                    &mut st,
+                    guest,
+                    within as usize,
+                    zeroes,
+                    false,
+                    &mut pending,
+                )
+                .await
+            } else {
+                Ok(())
+            };
+            if res.is_err() {
+                break;
+            }
+            pos += n;
+        }
+        Self::publish(d, &file, pending, &mut to_free).await?;
+        Self::free_all(d, &file, &mut st, to_free).await?;
+        res
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refcount_entries_of_every_width() {
+        for order in 0..=6u32 {
+            let w = 1u64 << order;
+            let max = if w == 64 { u64::MAX } else { (1 << w) - 1 };
+            let mut block = vec![0u8; 512];
+            let n = 512 * 8 / w;
+            for i in 0..n {
+                rc_put(&mut block, i, order, (i * 7919) & max);
+            }
+            for i in 0..n {
+                assert_eq!(
+                    rc_get(&block, i, order),
+                    (i * 7919) & max,
+                    "order {order} idx {i}"
+                );
+            }
+        }
+        // 1-bit entries are least significant bit first, as QEMU packs them.
+        let mut b = vec![0u8; 1];
+        rc_put(&mut b, 0, 0, 1);
+        assert_eq!(b[0], 1);
+        rc_put(&mut b, 3, 0, 1);
+        assert_eq!(b[0], 0b1001);
+    }
+}

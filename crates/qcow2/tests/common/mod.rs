@@ -1,0 +1,225 @@
+//! Helpers for the qcow2 interop tests: temporary directories, QEMU's
+//! tools as the referee, and reading images through sluice.
+#![allow(dead_code)]
+
+use serde_json::Value;
+use sluice_core::status::map_range;
+use sluice_core::{Graph, Node, PermPair, Result, Root};
+use sluice_drivers::open::{image_options, open_with};
+use sluice_drivers::protocol::file::CacheMode;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+pub const KIB: u64 = 1 << 10;
+pub const MIB: u64 = 1 << 20;
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let p = std::env::temp_dir().join(format!(
+            "sluice-qcow2-{tag}-{}-{}-{nanos}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+
+    pub fn path(&self, name: &str) -> String {
+        self.0.join(name).to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs a command; panics with its output if it fails.
+pub fn run(prog: &str, args: &[&str]) -> String {
+    let out = Command::new(prog)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{prog}: {e}"));
+    assert!(
+        out.status.success(),
+        "{prog} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn qemu_img(args: &[&str]) -> String {
+    run("qemu-img", args)
+}
+
+/// Runs qemu-io commands on a qcow2 image.
+pub fn qemu_io(img: &str, cmds: &[String]) {
+    let mut args = vec!["-f".to_string(), "qcow2".to_string(), img.to_string()];
+    for c in cmds {
+        args.push("-c".into());
+        args.push(c.clone());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run("qemu-io", &args);
+    assert!(
+        !out.contains("error") && !out.contains("failed"),
+        "qemu-io {args:?}: {out}"
+    );
+}
+
+/// What `qemu-img convert -O raw` makes of the image.
+pub fn qemu_raw(img: &str) -> Vec<u8> {
+    let out = format!("{img}.ref.raw");
+    qemu_img(&["convert", "-O", "raw", img, &out]);
+    let data = std::fs::read(&out).unwrap();
+    let _ = std::fs::remove_file(&out);
+    data
+}
+
+/// An image opened through sluice as `qemu-img` would: probed format, a
+/// read-only (or writable) root on it.
+pub struct Opened {
+    pub graph: Graph,
+    pub node: Arc<Node>,
+    pub root: Root,
+}
+
+pub async fn open_image(img: &str, read_only: bool) -> Result<Opened> {
+    let opts = image_options(img, None).map_err(sluice_core::Error::Other)?;
+    open_opts(opts, read_only).await
+}
+
+pub async fn open_opts(opts: Value, read_only: bool) -> Result<Opened> {
+    let graph = Graph::new();
+    let (node, root) = {
+        let w = graph.writer().await;
+        let node = open_with(&w, opts, CacheMode::WRITEBACK, read_only).await?;
+        let perm = if read_only {
+            PermPair::reader()
+        } else {
+            PermPair::writer()
+        };
+        let root = w.add_root("block device", "test", &node, perm).await?;
+        (node, root)
+    };
+    Ok(Opened { graph, node, root })
+}
+
+/// Reads the whole image through sluice in `chunk`-byte requests.
+pub async fn read_all(o: &Opened, chunk: u64) -> Vec<u8> {
+    let size = o.node.size();
+    let mut out = Vec::with_capacity(size as usize);
+    let mut pos = 0;
+    while pos < size {
+        let n = chunk.min(size - pos);
+        let buf = o
+            .root
+            .read(pos, n as usize)
+            .await
+            .unwrap_or_else(|e| panic!("read at {pos} length {n}: {e}"));
+        out.extend_from_slice(&buf);
+        pos += n;
+    }
+    out
+}
+
+/// Compares two images' bytes, naming the first difference.
+pub fn assert_same(what: &str, got: &[u8], want: &[u8]) {
+    assert_eq!(got.len(), want.len(), "{what}: sizes differ");
+    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
+        panic!(
+            "{what}: first difference at byte {i} ({:#x}): sluice {:#04x}, qemu {:#04x}",
+            i, got[i], want[i]
+        );
+    }
+}
+
+/// Per-`unit` status: (present, zero, data, depth if present, offset).
+type Unit = (bool, bool, bool, Option<u32>, Option<u64>);
+
+fn expand(out: &mut [Unit], unit: u64, start: u64, len: u64, u: Unit) {
+    let mut pos = start;
+    while pos < start + len {
+        let i = (pos / unit) as usize;
+        if i < out.len() {
+            let mut v = u;
+            v.4 = u.4.map(|o| o + (pos - start));
+            out[i] = v;
+        }
+        pos += unit;
+    }
+}
+
+/// Block status through sluice against `qemu-img map --output=json`,
+/// per `unit` bytes: allocation, zero, data, depth (where allocated) and
+/// offset (where both tell).
+pub async fn assert_map_matches(img: &str, o: &Opened, unit: u64) {
+    let size = o.node.size();
+    let n = size.div_ceil(unit) as usize;
+    let json: Value = serde_json::from_str(&qemu_img(&["map", "--output=json", img])).unwrap();
+    let mut want = vec![(false, false, false, None, None); n];
+    for e in json.as_array().unwrap() {
+        let present = e["present"].as_bool().unwrap();
+        let u = (
+            present,
+            e["zero"].as_bool().unwrap(),
+            e["data"].as_bool().unwrap(),
+            present.then(|| e["depth"].as_u64().unwrap() as u32),
+            e["offset"].as_u64(),
+        );
+        expand(
+            &mut want,
+            unit,
+            e["start"].as_u64().unwrap(),
+            e["length"].as_u64().unwrap(),
+            u,
+        );
+    }
+    let mut got = vec![(false, false, false, None, None); n];
+    for e in map_range(&o.node, 0, size).await.unwrap() {
+        let u = (
+            e.present,
+            e.zero,
+            e.data,
+            e.present.then_some(e.depth),
+            e.offset,
+        );
+        expand(&mut got, unit, e.start, e.length, u);
+    }
+    for i in 0..n {
+        let (g, w) = (got[i], want[i]);
+        let offsets_agree = match (g.4, w.4) {
+            (Some(a), Some(b)) => a == b,
+            _ => true,
+        };
+        assert!(
+            g.0 == w.0 && g.1 == w.1 && g.2 == w.2 && g.3 == w.3 && offsets_agree,
+            "{img}: block status at {:#x}: sluice {g:?}, qemu-img map {w:?}",
+            i as u64 * unit
+        );
+    }
+}
+
+/// Overwrites bytes of a file.
+pub fn patch(path: &str, offset: u64, bytes: &[u8]) {
+    use std::io::{Seek, SeekFrom, Write};
+    let mut f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    f.write_all(bytes).unwrap();
+}
+
+pub fn exists(p: &str) -> bool {
+    Path::new(p).exists()
+}
