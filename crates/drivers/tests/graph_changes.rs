@@ -434,3 +434,28 @@ async fn loops_and_nodes_in_use_are_refused() {
     assert_eq!(Role::Backing.name(), "backing");
     let _ = Perm::ALL;
 }
+
+#[tokio::test]
+async fn deleting_a_node_flushes_it_through_its_children_first() {
+    let graph = Graph::new();
+    let w = graph.writer().await;
+    let img = add(
+        &w,
+        json!({"driver": "memory", "node-name": "img", "size": MIB}),
+    )
+    .await;
+    let fmt = add(
+        &w,
+        json!({"driver": "raw", "node-name": "fmt", "file": "img"}),
+    )
+    .await;
+    let d = w.drain(&fmt).await;
+    w.delete_node(&d, &fmt).await.unwrap();
+    drop(d);
+    assert_eq!(
+        sluice_core::stats::IoStats::get(&img.stats().flush_operations),
+        1,
+        "the format's flush reached its file before it was detached"
+    );
+    assert!(img.parents().is_empty() && fmt.is_closed());
+}

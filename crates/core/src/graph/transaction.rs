@@ -392,9 +392,9 @@ impl<'w, 'g> Transaction<'w, 'g> {
                 ),
             });
         }
-        for edge in node.children() {
-            self.unlink(&edge)?;
-        }
+        // The node keeps its children until commit closes it: closing
+        // flushes the driver (a format writes back cached metadata through
+        // its file) before the children go.
         self.unregister(node)?;
         self.deleted.push(node.clone());
         Ok(())
@@ -465,13 +465,17 @@ impl Drop for Transaction<'_, '_> {
 }
 
 /// Closes a node that has left the graph: refuses new requests, drains it,
-/// detaches its children (closing implicit ones left without users), and
-/// closes its driver.
+/// flushes it while its children are still attached (as QEMU's `bdrv_close`
+/// flushes first), detaches its children (closing implicit ones left without
+/// users), and closes its driver.
 async fn close_node(w: &GraphWriter<'_>, node: &Arc<Node>) {
     let mut queue = vec![node.clone()];
     while let Some(n) = queue.pop() {
         n.mark_closed();
         let drained = w.drain(&n).await;
+        if let Err(e) = n.driver().flush(&n).await {
+            tracing::warn!(node = n.name(), "flush before close failed: {e}");
+        }
         for edge in n.children() {
             links::unlink(&edge);
             let c = edge.child.clone();
