@@ -5,6 +5,7 @@
 //! * `sluice demo` — the built-in default: an in-memory backing chain under
 //!   guest I/O, shortened live by a drained graph change.
 
+mod daemon;
 mod demo;
 mod img;
 mod io;
@@ -35,6 +36,9 @@ enum Command {
     /// Runs guest I/O on a built-in in-memory chain while the chain is
     /// shortened live, and reports what happened (no files needed).
     Demo(demo::DemoArgs),
+    /// qemu-storage-daemon work-alike: serves nodes over NBD until SIGINT
+    /// or SIGTERM; with no options, a 64 MiB RAM disk on a Unix socket.
+    Daemon(daemon::DaemonArgs),
 }
 
 fn main() -> ExitCode {
@@ -51,6 +55,7 @@ fn main() -> ExitCode {
         Command::Img { command } => ("qemu-img", img::run(command)),
         Command::Io(args) => ("qemu-io", io::run(args)),
         Command::Demo(args) => ("sluice demo", demo::run(args)),
+        Command::Daemon(args) => ("qemu-storage-daemon", daemon::run(args)),
     };
     match result {
         Ok(code) => code,

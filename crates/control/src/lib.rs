@@ -1,4 +1,6 @@
-//! sluice-control: how users steer sluice. For now the options model
-//! shared by the command line (`--blockdev`, `--image-opts`) and QMP.
+//! sluice-control: how users steer sluice: the options model shared by
+//! the command line (`--blockdev`, `--image-opts`) and QMP, and the QMP
+//! monitor itself.
 
 pub mod keyval;
+pub mod qmp;
