@@ -47,8 +47,9 @@ pub struct Qcow2Driver {
     filename: Option<String>,
     pub(crate) l1: parking_lot::RwLock<Vec<u64>>,
     pub(crate) l2_cache: TableCache,
-    /// Bumped whenever an L2 table changes on disk: a table loaded from
-    /// disk across a change is not cached (it may be stale).
+    /// Bumped whenever an L2 table changes (in the cache, and again when
+    /// it is written back): a table loaded from disk across a change is
+    /// not cached (it may be stale).
     pub(crate) l2_epoch: std::sync::atomic::AtomicU64,
     snapshots: Vec<Snapshot>,
     /// The write side, when the node is writable.
@@ -594,7 +595,12 @@ impl BlockDriver for Qcow2Driver {
         if node.is_read_only() {
             return Ok(());
         }
-        self.file(node)?.flush().await
+        let file = self.file(node)?;
+        match &self.writer {
+            // Dirty metadata is written back in order, then the file flushed.
+            Some(w) if w.refusal().is_none() => w.flush(self, &file).await,
+            _ => file.flush().await,
+        }
     }
 
     async fn block_status(&self, node: &Node, offset: u64, len: u64) -> Result<DriverStatus> {

@@ -1,10 +1,10 @@
 //! sluice-qcow2: the qcow2 format (QEMU's `docs/interop/qcow2.txt`).
 //!
-//! * [`format`] — the on-disk structures: header, extensions, L1/L2
+//! * [`format`](mod@format) — the on-disk structures: header, extensions, L1/L2
 //!   entries, compressed descriptors, snapshots; parsing and validation.
 //! * [`driver`] — [`Qcow2Driver`], the block driver: a mapping layer and an
-//!   access layer, with a bounded L2 table cache ([`cache`]).
-//! * [`write`] — allocation and refcounts, copy-on-write, zero flag and
+//!   access layer, with a bounded write-back L2 table cache ([`cache`]).
+//! * [`write`](mod@write) — allocation and refcounts, copy-on-write, zero flag and
 //!   discard, in an order that keeps the image consistent after a crash.
 //! * [`chain`] — the backing chain an image header names.
 //! * [`options`] — the node's options, with QEMU's names.

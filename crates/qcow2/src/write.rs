@@ -2,32 +2,53 @@
 //! partial clusters from what the cluster showed before (backing chain,
 //! compressed data, zeroes), the zero flag for write-zeroes and discard.
 //!
-//! Ordering, for crash safety (refcounts never undercount, no L2 entry
-//! points at an unreferenced cluster):
+//! Metadata is cached write-back, as QEMU's `Qcow2Cache` does: refcount
+//! blocks (in the writer's `State`) and L2 tables (the driver's
+//! [`crate::cache::TableCache`]) are changed in memory and written back
+//! lazily — when the caches fill, before clusters are freed, and on a
+//! guest flush. Ordering, for crash safety (refcounts never undercount,
+//! no L2 entry points at an unreferenced cluster, no L2 entry exposes a
+//! cluster before its data):
 //!
 //! 1. a new refcount block is written and flushed before the refcount
-//!    table points at it;
-//! 2. a new cluster's refcount and its contents are flushed before the L2
-//!    (or L1) entry that publishes it is written;
-//! 3. a cluster an entry stopped using is freed only after that entry's
-//!    change is flushed.
+//!    table points at it; a new L2 table is written (zeroed) and its
+//!    refcount written back and flushed before the L1 entry points at it;
+//! 2. once an L2 table has been changed to publish new clusters (or newly
+//!    written subclusters), no dirty L2 table is written back before the
+//!    dirty refcount blocks are written and the file is flushed
+//!    (`State::l2_depends`, QEMU's `qcow2_cache_set_dependency` of the L2
+//!    cache on the refcount cache): that flush also makes the data the
+//!    entries point at durable, since it was written before the entries
+//!    changed;
+//! 3. a cluster an entry stopped using is freed (its refcount dropped,
+//!    in memory) only after every dirty L2 table is written back and the
+//!    file flushed;
+//! 4. a guest flush writes back refcount blocks, flushes, writes back L2
+//!    tables and flushes again.
+//!
+//! A write-back that fails leaves the tables dirty; a later one retries.
 //!
 //! New clusters are taken from the end of the file and freed clusters are
-//! not reused, so a crash can at worst leak clusters. Allocating requests
-//! are serialised by one lock; overwrites of clusters this image owns
-//! alone (the common case) write in place.
+//! not reused, so a crash can at worst leak clusters. Overwrites of
+//! clusters this image owns alone (the common case) write in place, with
+//! no lock. Allocating writes take the state lock only to map and
+//! allocate, and again to publish; their data is written in between,
+//! in parallel with other requests, while the guest clusters they
+//! allocate are marked in flight (other requests touching those wait).
+//! Writes with extended L2 entries and copy-on-read writes still hold
+//! the lock throughout.
 
 use crate::driver::{read_clipped, read_meta, Qcow2Driver};
 use crate::format::{corrupt, Header, L2Entry, COPIED, OFFSET_MASK, ZERO_FLAG};
 use sluice_core::{DebugEvent, Error, IoBuf, IoBytes, Node, Result, WriteFlags, ZeroFlags};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
 
 /// Bytes of refcount blocks kept in memory by default (QEMU's default
 /// `refcount-cache-size` is a quarter of the L2 cache; 1 MiB is about
-/// that for the default L2 cache of a large disk). Blocks are
-/// write-through, so dropping them is always safe.
+/// that for the default L2 cache of a large disk). Dirty blocks are
+/// written back before they are dropped.
 const DEFAULT_REFCOUNT_CACHE: u64 = 1 << 20;
 
 /// A subcluster bitmap saying every subcluster reads as zeroes.
@@ -49,6 +70,53 @@ pub struct Writer {
     prepared: std::sync::atomic::AtomicBool,
     refusal: Option<&'static str>,
     state: tokio::sync::Mutex<State>,
+    /// Guest clusters whose new cluster is being written outside the
+    /// state lock and not yet published: nothing else changes their
+    /// entries meanwhile (QEMU's in-flight `QCowL2Meta` dependencies).
+    inflight: parking_lot::Mutex<HashSet<u64>>,
+    /// Woken whenever clusters leave `inflight`.
+    settled: tokio::sync::Notify,
+}
+
+/// Takes guest clusters out of [`Writer::inflight`] when dropped (also
+/// when the request is cancelled: the new clusters then only leak).
+struct InflightGuard<'a> {
+    w: &'a Writer,
+    guests: Vec<u64>,
+}
+
+impl Drop for InflightGuard<'_> {
+    fn drop(&mut self) {
+        if self.guests.is_empty() {
+            return;
+        }
+        {
+            let mut set = self.w.inflight.lock();
+            for g in &self.guests {
+                set.remove(g);
+            }
+        }
+        self.w.settled.notify_waiters();
+    }
+}
+
+/// One cluster's part of an allocating write.
+enum Piece {
+    /// A cluster this image alone owns: written in place.
+    InPlace { host: u64, at: usize, n: usize },
+    /// A new cluster `host` for the guest cluster `guest`, filled with
+    /// what the cluster showed (`old`) and `n` bytes of the request from
+    /// `at` at `within`, then published at `idx` of the L2 table `l2_off`.
+    New {
+        guest: u64,
+        host: u64,
+        within: usize,
+        at: usize,
+        n: usize,
+        old: L2Entry,
+        l2_off: u64,
+        idx: usize,
+    },
 }
 
 struct State {
@@ -56,6 +124,11 @@ struct State {
     /// Where the refcount table is now (it moves when it grows).
     rt_offset: u64,
     blocks: HashMap<u64, Vec<u8>>,
+    /// Blocks in `blocks` changed since they were last written.
+    dirty_blocks: BTreeSet<u64>,
+    /// Dirty L2 tables publish clusters whose refcounts (and data) must be
+    /// durable before any dirty L2 table is written back.
+    l2_depends: bool,
     /// Where the next cluster is allocated: the end of the file.
     next_free: u64,
     /// Whether the header's autoclear bits were cleared already.
@@ -140,15 +213,43 @@ impl Writer {
         Ok(Writer {
             prepared: std::sync::atomic::AtomicBool::new(false),
             refusal,
+            inflight: parking_lot::Mutex::new(HashSet::new()),
+            settled: tokio::sync::Notify::new(),
             state: tokio::sync::Mutex::new(State {
                 reftable,
                 rt_offset: h.refcount_table_offset,
                 blocks: HashMap::new(),
+                dirty_blocks: BTreeSet::new(),
+                l2_depends: false,
                 next_free: file.size().div_ceil(cs) * cs,
                 header_done: false,
                 max_blocks: (refcount_cache.unwrap_or(DEFAULT_REFCOUNT_CACHE) / cs).max(2) as usize,
             }),
         })
+    }
+
+    /// Locks the state once no cluster of `[offset, offset + len)` is
+    /// being allocated outside the lock.
+    async fn lock_range(
+        &self,
+        offset: u64,
+        len: u64,
+        cs: u64,
+    ) -> tokio::sync::MutexGuard<'_, State> {
+        loop {
+            let settled = self.settled.notified();
+            let st = self.state.lock().await;
+            let busy = {
+                let set = self.inflight.lock();
+                set.iter()
+                    .any(|&g| g < offset.saturating_add(len) && g + cs > offset)
+            };
+            if !busy {
+                return st;
+            }
+            drop(st);
+            settled.await;
+        }
     }
 
     /// Why writes to this image are refused, if they are.
@@ -172,9 +273,7 @@ impl Writer {
         if st.blocks.contains_key(&boff) {
             return Ok(());
         }
-        if st.blocks.len() >= st.max_blocks {
-            st.blocks.clear();
-        }
+        Self::block_room(d, file, st).await?;
         file.debug_event(DebugEvent::RefblockLoad).await;
         let cs = d.header().cluster_size();
         let raw = read_meta(file, boff, cs, "refcount block", d.name()).await?;
@@ -230,9 +329,7 @@ impl Writer {
         )
         .await?;
         st.reftable[bi] = b;
-        if st.blocks.len() >= st.max_blocks {
-            st.blocks.clear();
-        }
+        Self::block_room(d, file, st).await?;
         st.blocks.insert(b, block);
         st.next_free = b + cs;
         Ok(())
@@ -307,6 +404,8 @@ impl Writer {
             }
             c += cs;
         }
+        // The old blocks' counts of the new table reach the file first.
+        Self::write_refblocks(d, file, st).await?;
         grow(file, end);
         for (boff, block) in &blocks {
             file.write(*boff, IoBytes::copy_from(block), WriteFlags::default())
@@ -331,9 +430,7 @@ impl Writer {
         st.reftable = table;
         st.rt_offset = t;
         for (boff, block) in blocks {
-            if st.blocks.len() >= st.max_blocks {
-                st.blocks.clear();
-            }
+            Self::block_room(d, file, st).await?;
             st.blocks.insert(boff, block);
         }
         st.next_free = end;
@@ -376,11 +473,82 @@ impl Writer {
         }
         Self::load_block(d, file, st, boff).await?;
         let block = st.blocks.get_mut(&boff).expect("loaded");
-        let (at, n) = rc_put(block, idx, order, v);
-        let bytes = IoBytes::copy_from(&block[at..at + n]);
-        file.debug_event(DebugEvent::RefblockUpdate).await;
-        file.write(boff + at as u64, bytes, WriteFlags::default())
-            .await
+        rc_put(block, idx, order, v);
+        st.dirty_blocks.insert(boff);
+        Ok(())
+    }
+
+    /// Makes room for one more refcount block in memory: clean blocks go
+    /// first; when every block is dirty, they are written back. (Refcount
+    /// blocks may always be written: increments only leak until the L2
+    /// entries are written, and decrements are made after the entries
+    /// that stopped using the clusters are durable.)
+    async fn block_room(d: &Qcow2Driver, file: &Node, st: &mut State) -> Result<()> {
+        if st.blocks.len() < st.max_blocks {
+            return Ok(());
+        }
+        let dirty = &st.dirty_blocks;
+        st.blocks.retain(|b, _| dirty.contains(b));
+        if st.blocks.len() >= st.max_blocks {
+            Self::write_refblocks(d, file, st).await?;
+            st.blocks.clear();
+        }
+        Ok(())
+    }
+
+    /// Writes every dirty refcount block back (no flush).
+    async fn write_refblocks(_d: &Qcow2Driver, file: &Node, st: &mut State) -> Result<()> {
+        while let Some(&boff) = st.dirty_blocks.first() {
+            let bytes = IoBytes::copy_from(&st.blocks[&boff]);
+            file.debug_event(DebugEvent::RefblockUpdate).await;
+            file.write(boff, bytes, WriteFlags::default()).await?;
+            st.dirty_blocks.remove(&boff);
+        }
+        Ok(())
+    }
+
+    /// Writes dirty metadata back in crash-safe order: refcount blocks,
+    /// a flush (when dirty L2 tables publish new clusters), L2 tables;
+    /// with `sync`, then a flush, so that all of it is durable.
+    async fn write_back(d: &Qcow2Driver, file: &Node, st: &mut State, sync: bool) -> Result<()> {
+        let tables = d.l2_cache.dirty_tables();
+        if !tables.is_empty() && st.l2_depends {
+            Self::write_refblocks(d, file, st).await?;
+            file.flush().await?;
+            st.l2_depends = false;
+        }
+        for (off, t) in tables {
+            let mut raw = IoBuf::zeroed(t.len() * 8);
+            for (chunk, w) in raw.chunks_exact_mut(8).zip(t.iter()) {
+                chunk.copy_from_slice(&w.to_be_bytes());
+            }
+            file.debug_event(DebugEvent::L2Update).await;
+            file.write(off, raw.freeze(), WriteFlags::default()).await?;
+            // Readers that loaded the table from the file before this
+            // write do not cache what they read.
+            d.l2_epoch.fetch_add(1, SeqCst);
+            d.l2_cache.mark_clean(off, &t);
+        }
+        if sync {
+            Self::write_refblocks(d, file, st).await?;
+            file.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Writes back every dirty table and flushes the file (a guest flush).
+    pub async fn flush(&self, d: &Qcow2Driver, file: &Node) -> Result<()> {
+        let mut st = self.state.lock().await;
+        Self::write_back(d, file, &mut st, true).await
+    }
+
+    /// Writes L2 tables back when more are dirty than the cache holds
+    /// (the cache then holds at most one table more than its capacity).
+    async fn bound_dirty_l2(d: &Qcow2Driver, file: &Node, st: &mut State) -> Result<()> {
+        if d.l2_cache.dirty_len() > d.l2_cache.capacity() {
+            Self::write_back(d, file, st, false).await?;
+        }
+        Ok(())
     }
 
     /// Allocates one cluster (refcount 1) at the end of the file.
@@ -414,7 +582,8 @@ impl Writer {
         if to_free.is_empty() {
             return Ok(());
         }
-        file.flush().await?;
+        // The entries that used the clusters are durably gone first.
+        Self::write_back(d, file, st, true).await?;
         let cb = d.header().cluster_bits;
         for (host, len) in to_free {
             let first = host >> cb;
@@ -451,42 +620,48 @@ impl Writer {
         Ok(())
     }
 
-    /// Writes a standard L2 entry and updates the cached table.
+    /// Sets a standard L2 entry (in the cache; written back later).
     async fn set_l2_entry(
         d: &Qcow2Driver,
         file: &Node,
+        st: &mut State,
         l2_off: u64,
         idx: usize,
         val: u64,
     ) -> Result<()> {
-        Self::set_l2_words(d, file, l2_off, idx, &[val]).await
+        Self::set_l2_words(d, file, st, l2_off, idx, &[val]).await
     }
 
-    /// Writes consecutive 64-bit words of an L2 table from word `at` on
-    /// (an entry, a subcluster bitmap, or both) and updates the cache.
+    /// Sets consecutive 64-bit words of an L2 table from word `at` on (an
+    /// entry, a subcluster bitmap, or both): the cached table changes and
+    /// is dirty until written back.
     async fn set_l2_words(
+        d: &Qcow2Driver,
+        file: &Node,
+        st: &mut State,
+        l2_off: u64,
+        at: usize,
+        words: &[u64],
+    ) -> Result<()> {
+        Self::set_l2_words_mem(d, file, l2_off, at, words).await?;
+        Self::bound_dirty_l2(d, file, st).await
+    }
+
+    /// [`Self::set_l2_words`] without writing anything back.
+    async fn set_l2_words_mem(
         d: &Qcow2Driver,
         file: &Node,
         l2_off: u64,
         at: usize,
         words: &[u64],
     ) -> Result<()> {
-        let old = d.l2_table(file, l2_off).await?;
-        file.debug_event(DebugEvent::L2Update).await;
-        let mut raw = Vec::with_capacity(words.len() * 8);
-        for w in words {
-            raw.extend_from_slice(&w.to_be_bytes());
-        }
-        file.write(
-            l2_off + at as u64 * 8,
-            IoBytes::copy_from(&raw),
-            WriteFlags::default(),
-        )
-        .await?;
-        let mut t = old.to_vec();
-        t[at..at + words.len()].copy_from_slice(words);
         d.l2_epoch.fetch_add(1, SeqCst);
-        d.l2_cache.insert(l2_off, t.into());
+        let set = |t: &mut [u64]| t[at..at + words.len()].copy_from_slice(words);
+        if !d.l2_cache.modify_cached(l2_off, set) {
+            let base = d.l2_table(file, l2_off).await?;
+            d.l2_epoch.fetch_add(1, SeqCst);
+            d.l2_cache.modify(l2_off, &base, set);
+        }
         Ok(())
     }
 
@@ -539,7 +714,14 @@ impl Writer {
             WriteFlags::default(),
         )
         .await?;
+        // The table's refcount and its zeroes are durable before the L1
+        // entry points at it.
+        Self::write_refblocks(d, file, st).await?;
         file.flush().await?;
+        d.l2_epoch.fetch_add(1, SeqCst);
+        let words = (cs / 8) as usize;
+        d.l2_cache
+            .insert_written(new, std::sync::Arc::from(vec![0u64; words]));
         Self::set_l1_entry(d, file, l1_idx, new | COPIED).await?;
         Ok((new, idx))
     }
@@ -605,6 +787,33 @@ impl Writer {
             }
         }
         // A new cluster: what the cluster showed, with the new bytes over it.
+        let buf = Self::cow_buffer(d, node, file, guest, entry, within, &bytes).await?;
+        let new = Self::alloc(d, file, st).await?;
+        grow(file, new + cs);
+        file.debug_event(DebugEvent::CowWrite).await;
+        file.write(new, buf.freeze(), WriteFlags::default()).await?;
+        pending.push(Pending {
+            l2_off,
+            idx,
+            entry: new | COPIED,
+            bitmap: None,
+            old: entry,
+        });
+        Ok(())
+    }
+
+    /// A new cluster's contents: what the guest cluster at `guest` showed
+    /// (its entry `entry`), with `bytes` over it at `within`.
+    async fn cow_buffer(
+        d: &Qcow2Driver,
+        node: &Node,
+        file: &Node,
+        guest: u64,
+        entry: L2Entry,
+        within: usize,
+        bytes: &[u8],
+    ) -> Result<IoBuf> {
+        let cs = d.header().cluster_size();
         let mut buf = IoBuf::zeroed(cs as usize);
         if bytes.len() < cs as usize {
             match entry {
@@ -624,19 +833,8 @@ impl Writer {
                 }
             }
         }
-        buf[within..within + bytes.len()].copy_from_slice(&bytes);
-        let new = Self::alloc(d, file, st).await?;
-        grow(file, new + cs);
-        file.debug_event(DebugEvent::CowWrite).await;
-        file.write(new, buf.freeze(), WriteFlags::default()).await?;
-        pending.push(Pending {
-            l2_off,
-            idx,
-            entry: new | COPIED,
-            bitmap: None,
-            old: entry,
-        });
-        Ok(())
+        buf[within..within + bytes.len()].copy_from_slice(bytes);
+        Ok(buf)
     }
 
     /// [`Self::write_cluster`] with extended L2 entries: only the
@@ -661,6 +859,7 @@ impl Writer {
         let (l2_off, idx) = Self::l2_for_write(d, file, st, guest).await?;
         let t = d.l2_table(file, l2_off).await?;
         let (word, bitmap) = (t[2 * idx], t[2 * idx + 1]);
+        drop(t);
         let entry = Self::decode(d, word, guest)?;
         let alloc = bitmap as u32;
         let zero = (bitmap >> 32) as u32;
@@ -746,7 +945,10 @@ impl Writer {
                 file.debug_event(DebugEvent::WriteAio).await;
                 file.write(h + rs as u64, buf.freeze(), WriteFlags::default())
                     .await?;
-                Self::set_l2_words(d, file, l2_off, 2 * idx + 1, &[new_bitmap]).await?;
+                // The bitmap exposes the data just written: it waits for
+                // a flush like a new cluster's entry.
+                st.l2_depends = true;
+                Self::set_l2_words(d, file, st, l2_off, 2 * idx + 1, &[new_bitmap]).await?;
             }
             None => {
                 let new = Self::alloc(d, file, st).await?;
@@ -783,33 +985,37 @@ impl Writer {
         let zero = (bitmap >> 32) as u32 | mask;
         let new = u64::from(alloc) | (u64::from(zero) << 32);
         if new != bitmap {
-            Self::set_l2_words(d, file, l2_off, 2 * idx + 1, &[new]).await?;
+            Self::set_l2_words(d, file, st, l2_off, 2 * idx + 1, &[new]).await?;
         }
         Ok(())
     }
 
-    /// Publishes new clusters: their refcounts and contents are made
-    /// durable first, then the L2 entries point at them; what the entries
-    /// used before is queued for freeing.
+    /// Publishes new clusters (written already): the cached L2 entries
+    /// point at them, and no dirty L2 table is written back before their
+    /// refcounts and contents are flushed; what the entries used before
+    /// is queued for freeing.
     async fn publish(
         d: &Qcow2Driver,
         file: &Node,
+        st: &mut State,
         pending: Vec<Pending>,
         to_free: &mut Vec<(u64, u64)>,
     ) -> Result<()> {
         if pending.is_empty() {
             return Ok(());
         }
-        file.flush().await?;
+        st.l2_depends = true;
         let cs = d.header().cluster_size();
         for p in pending {
-            match p.bitmap {
-                Some(b) => Self::set_l2_words(d, file, p.l2_off, 2 * p.idx, &[p.entry, b]).await?,
-                None => Self::set_l2_entry(d, file, p.l2_off, p.idx, p.entry).await?,
-            }
+            let words = match p.bitmap {
+                Some(b) => vec![p.entry, b],
+                None => vec![p.entry],
+            };
+            let at = if p.bitmap.is_some() { 2 * p.idx } else { p.idx };
+            Self::set_l2_words_mem(d, file, p.l2_off, at, &words).await?;
             Self::release(p.old, cs, to_free);
         }
-        Ok(())
+        Self::bound_dirty_l2(d, file, st).await
     }
 
     /// Where each cluster piece of `[offset, offset + len)` lies, if every
@@ -882,23 +1088,29 @@ impl Writer {
     ) -> Result<()> {
         let (l2_off, idx) = Self::l2_for_write(d, file, st, guest).await?;
         let t = d.l2_table(file, l2_off).await?;
+        let (word, bitmap) = if d.layout().extended_l2 {
+            (t[2 * idx], t[2 * idx + 1])
+        } else {
+            (t[idx], 0)
+        };
+        // Not held while the cached table changes (that would copy it).
+        drop(t);
         if d.layout().extended_l2 {
             // Every subcluster reads as zeroes; the host cluster goes.
             let words = [0, ALL_ZERO];
-            if t[2 * idx..2 * idx + 2] == words {
+            if [word, bitmap] == words {
                 return Ok(());
             }
-            let entry = Self::decode(d, t[2 * idx], guest)?;
-            Self::set_l2_words(d, file, l2_off, 2 * idx, &words).await?;
+            let entry = Self::decode(d, word, guest)?;
+            Self::set_l2_words(d, file, st, l2_off, 2 * idx, &words).await?;
             Self::release(entry, d.header().cluster_size(), to_free);
             return Ok(());
         }
-        let word = t[idx];
         if word == new_entry {
             return Ok(());
         }
         let entry = Self::decode(d, word, guest)?;
-        Self::set_l2_entry(d, file, l2_off, idx, new_entry).await?;
+        Self::set_l2_entry(d, file, st, l2_off, idx, new_entry).await?;
         Self::release(entry, d.header().cluster_size(), to_free);
         Ok(())
     }
@@ -928,12 +1140,16 @@ impl Writer {
                     done += n;
                 }
                 if flags.fua {
-                    file.flush().await?;
+                    // The mapping may still be in a dirty L2 table.
+                    self.flush(d, &file).await?;
                 }
                 return Ok(());
             }
         }
-        let mut st = self.state.lock().await;
+        if !flags.copy_on_read && !d.layout().extended_l2 {
+            return self.write_alloc(d, node, &file, offset, data, flags).await;
+        }
+        let mut st = self.lock_range(offset, len, cs).await;
         Self::prepare(d, &file, &mut st).await?;
         self.prepared.store(true, SeqCst);
         let mut to_free = Vec::new();
@@ -964,11 +1180,168 @@ impl Writer {
         }
         // Clusters already written are published even when a later piece
         // failed: their refcounts are taken.
-        Self::publish(d, &file, pending, &mut to_free).await?;
+        Self::publish(d, &file, &mut st, pending, &mut to_free).await?;
         Self::free_all(d, &file, &mut st, to_free).await?;
         res?;
         if flags.fua {
-            file.flush().await?;
+            Self::write_back(d, &file, &mut st, true).await?;
+        }
+        Ok(())
+    }
+
+    /// An allocating write in two phases, as QEMU does it: under the
+    /// state lock the clusters are mapped and new ones allocated; the data
+    /// (with what partial clusters showed before) is written without the
+    /// lock, so allocating writes run in parallel; then, under the lock
+    /// again, the new clusters are published in the cached L2 tables.
+    /// Guest clusters being allocated are in `inflight`: other requests
+    /// touching them wait.
+    async fn write_alloc(
+        &self,
+        d: &Qcow2Driver,
+        node: &Node,
+        file: &Node,
+        offset: u64,
+        data: IoBytes,
+        flags: WriteFlags,
+    ) -> Result<()> {
+        let cs = d.header().cluster_size();
+        let len = data.len() as u64;
+        let mut plan = Vec::new();
+        let mut guard = InflightGuard {
+            w: self,
+            guests: Vec::new(),
+        };
+        {
+            let mut st = self.lock_range(offset, len, cs).await;
+            Self::prepare(d, file, &mut st).await?;
+            self.prepared.store(true, SeqCst);
+            let mut done = 0u64;
+            while done < len {
+                let pos = offset + done;
+                let within = pos % cs;
+                let guest = pos - within;
+                let n = (cs - within).min(len - done) as usize;
+                let at = done as usize;
+                let (l2_off, idx) = Self::l2_for_write(d, file, &mut st, guest).await?;
+                let word = d.l2_table(file, l2_off).await?[idx];
+                match Self::decode(d, word, guest)? {
+                    L2Entry::Normal { host } if word & COPIED != 0 => plan.push(Piece::InPlace {
+                        host: host + within,
+                        at,
+                        n,
+                    }),
+                    old => {
+                        // A cluster's refcount may reach the file before
+                        // its entry does (a leak at worst), never after.
+                        let host = Self::alloc(d, file, &mut st).await?;
+                        grow(file, host + cs);
+                        plan.push(Piece::New {
+                            guest,
+                            host,
+                            within: within as usize,
+                            at,
+                            n,
+                            old,
+                            l2_off,
+                            idx,
+                        });
+                    }
+                }
+                done += n as u64;
+            }
+            let mut set = self.inflight.lock();
+            for p in &plan {
+                if let Piece::New { guest, .. } = p {
+                    set.insert(*guest);
+                    guard.guests.push(*guest);
+                }
+            }
+        }
+        // The data, without the lock; runs of whole new clusters that lie
+        // one after another in the file go in one write.
+        let mut written = 0;
+        let mut res = Ok(());
+        while written < plan.len() {
+            let (step, r) = match plan[written] {
+                Piece::InPlace { host, at, n } => {
+                    file.debug_event(DebugEvent::WriteAio).await;
+                    let r = file
+                        .write(host, data.slice(at..at + n), WriteFlags::default())
+                        .await;
+                    (1, r)
+                }
+                Piece::New { host, at, n, .. } if n as u64 == cs => {
+                    let mut k = 1;
+                    while let Some(Piece::New { host: h, n: m, .. }) = plan.get(written + k) {
+                        if *m as u64 != cs || *h != host + k as u64 * cs {
+                            break;
+                        }
+                        k += 1;
+                    }
+                    file.debug_event(DebugEvent::CowWrite).await;
+                    let r = file
+                        .write(host, data.slice(at..at + k * n), WriteFlags::default())
+                        .await;
+                    (k, r)
+                }
+                Piece::New {
+                    guest,
+                    host,
+                    within,
+                    at,
+                    n,
+                    old,
+                    ..
+                } => {
+                    let bytes = data.slice(at..at + n);
+                    let r = match Self::cow_buffer(d, node, file, guest, old, within, &bytes).await
+                    {
+                        Ok(buf) => {
+                            file.debug_event(DebugEvent::CowWrite).await;
+                            file.write(host, buf.freeze(), WriteFlags::default()).await
+                        }
+                        Err(e) => Err(e),
+                    };
+                    (1, r)
+                }
+            };
+            if r.is_err() {
+                res = r;
+                break;
+            }
+            written += step;
+        }
+        // Publish what was written (a cluster whose data failed only
+        // leaks), then let waiters on these clusters go.
+        let mut st = self.state.lock().await;
+        let pending: Vec<Pending> = plan[..written]
+            .iter()
+            .filter_map(|p| match *p {
+                Piece::New {
+                    host,
+                    old,
+                    l2_off,
+                    idx,
+                    ..
+                } => Some(Pending {
+                    l2_off,
+                    idx,
+                    entry: host | COPIED,
+                    bitmap: None,
+                    old,
+                }),
+                Piece::InPlace { .. } => None,
+            })
+            .collect();
+        let mut to_free = Vec::new();
+        let published = Self::publish(d, file, &mut st, pending, &mut to_free).await;
+        drop(guard);
+        published?;
+        Self::free_all(d, file, &mut st, to_free).await?;
+        res?;
+        if flags.fua {
+            Self::write_back(d, file, &mut st, true).await?;
         }
         Ok(())
     }
@@ -991,7 +1364,7 @@ impl Writer {
         self.unmap_range(d, node, offset, len, ZERO_FLAG, true)
             .await?;
         if flags.fua {
-            d.file(node)?.flush().await?;
+            self.flush(d, &*d.file(node)?).await?;
         }
         Ok(())
     }
@@ -1062,7 +1435,7 @@ impl Writer {
             .await?;
             // A cluster allocated for the head must be published before
             // the tail looks at the same entry.
-            Self::publish(d, file, std::mem::take(pending), to_free).await?;
+            Self::publish(d, file, st, std::mem::take(pending), to_free).await?;
         }
         Ok(())
     }
@@ -1080,7 +1453,7 @@ impl Writer {
     ) -> Result<()> {
         let file = d.file(node)?;
         let cs = d.header().cluster_size();
-        let mut st = self.state.lock().await;
+        let mut st = self.lock_range(offset, len, cs).await;
         Self::prepare(d, &file, &mut st).await?;
         let mut to_free = Vec::new();
         let mut pending = Vec::new();
@@ -1132,7 +1505,7 @@ impl Writer {
             }
             pos += n;
         }
-        Self::publish(d, &file, pending, &mut to_free).await?;
+        Self::publish(d, &file, &mut st, pending, &mut to_free).await?;
         Self::free_all(d, &file, &mut st, to_free).await?;
         res
     }
