@@ -240,7 +240,14 @@ pub async fn open(
         source,
     };
     let kind = opts.aio.map_or_else(engine::probe, Aio::engine_kind);
-    let engine = engine::engine(kind).map_err(|e| Error::invalid_option("file", e.to_string()))?;
+    let engine: &'static dyn IoEngine = match kind {
+        // O_DIRECT requests gain from batched submission (the block layer
+        // merges neighbours); page-cache hits do not.
+        EngineKind::IoUring if cache.direct => engine::uring::batched()
+            .map(|e| e as &'static dyn IoEngine)
+            .map_err(|e| Error::invalid_option("file", e.to_string()))?,
+        _ => engine::engine(kind).map_err(|e| Error::invalid_option("file", e.to_string()))?,
+    };
     let write_engine = if opts.aio.is_none() && !cache.direct {
         engine::engine(EngineKind::Threads)
             .map_err(|e| Error::invalid_option("file", e.to_string()))?

@@ -495,10 +495,15 @@ impl RingInner {
 struct UringOp {
     ring: &'static Ring,
     state: OpState,
+    /// Submit together with the other operations queued in the same turn
+    /// of the event loop rather than at once (see [`BatchedUring`]).
+    batch: bool,
 }
 
 enum OpState {
     Init(Option<(OpKind, OpRes)>),
+    /// In the backlog, to be submitted with the rest of this turn's batch.
+    Queued(u32),
     Submitted(u32),
     /// No reaper can run here: the thread pool does the work.
     Fallback(IoFuture),
@@ -523,10 +528,15 @@ impl Future for UringOp {
         let mut drops = Vec::new();
         let out = {
             let mut inner = ring.inner.lock();
+            if let OpState::Queued(idx) = this.state {
+                inner.flush();
+                this.state = OpState::Submitted(idx);
+            }
             match &mut this.state {
                 OpState::Finished => Poll::Ready(Err(io::Error::other(
                     "io_uring operation polled after completion",
                 ))),
+                OpState::Queued(_) => unreachable!("queued operations are submitted above"),
                 OpState::Fallback(fut) => {
                     drop(inner);
                     fut.as_mut().poll(cx)
@@ -551,11 +561,19 @@ impl Future for UringOp {
                         slot.state = SlotState::Waiting(Some(cx.waker().clone()));
                         slot.res = Some(res);
                         inner.backlog.push_back(sqe.user_data(u64::from(idx)));
-                        inner.flush();
-                        this.state = OpState::Submitted(idx);
-                        // It may have completed already.
-                        inner.reap(&mut wake, &mut drops);
-                        take_done(&mut inner, idx, &mut wake)
+                        if this.batch && inner.slots.len() - inner.free.len() > 1 {
+                            // Others are in flight: submit on the next poll,
+                            // with whatever else this turn queues.
+                            this.state = OpState::Queued(idx);
+                            cx.waker().wake_by_ref();
+                            Poll::Pending
+                        } else {
+                            inner.flush();
+                            this.state = OpState::Submitted(idx);
+                            // It may have completed already.
+                            inner.reap(&mut wake, &mut drops);
+                            take_done(&mut inner, idx, &mut wake)
+                        }
                     } else {
                         inner.slot_waiters.push(cx.waker().clone());
                         Poll::Pending
@@ -608,12 +626,16 @@ fn take_done(inner: &mut RingInner, idx: u32, wake: &mut Vec<Waker>) -> Poll<io:
 
 impl Drop for UringOp {
     fn drop(&mut self) {
-        let OpState::Submitted(idx) = self.state else {
+        let (OpState::Submitted(idx) | OpState::Queued(idx)) = self.state else {
             return;
         };
         let mut wake = Vec::new();
         {
             let mut inner = self.ring.inner.lock();
+            if matches!(self.state, OpState::Queued(_)) {
+                // Its entry is still in the backlog: send it on its way.
+                inner.flush();
+            }
             let slot = &mut inner.slots[idx as usize];
             match slot.state {
                 SlotState::Waiting(_) => slot.state = SlotState::Orphaned,
@@ -657,8 +679,19 @@ impl UringEngine {
     }
 
     fn op(&'static self, kind: OpKind, fd: &Arc<OwnedFd>, keep: Option<KeepAlive>) -> IoFuture {
+        self.op_batched(kind, fd, keep, false)
+    }
+
+    fn op_batched(
+        &'static self,
+        kind: OpKind,
+        fd: &Arc<OwnedFd>,
+        keep: Option<KeepAlive>,
+        batch: bool,
+    ) -> IoFuture {
         Box::pin(UringOp {
             ring: self.ring(),
+            batch,
             state: OpState::Init(Some((
                 kind,
                 OpRes {
@@ -745,5 +778,82 @@ impl IoEngine for UringEngine {
                 inner.slots.len() - inner.free.len()
             })
             .sum()
+    }
+}
+
+/// The io_uring engine with batched submission of reads and writes: an
+/// operation that finds others in flight is queued and submitted with the
+/// rest of its event-loop turn in one `io_uring_enter`, as QEMU's io_uring
+/// code does. For O_DIRECT that lets the block layer plug and merge
+/// neighbouring requests (BENCHMARKS.md: 100000 sequential 4k reads at
+/// depth 64 reached the disk as 1665 requests from qemu-img and 100000 from
+/// sluice before this). Buffered I/O does not gain (page-cache hits
+/// complete at submission) and uses the plain engine.
+pub struct BatchedUring;
+
+static BATCHED: BatchedUring = BatchedUring;
+
+/// The batched io_uring engine (it shares the rings of [`engine`]).
+pub fn batched() -> io::Result<&'static BatchedUring> {
+    engine().map(|_| &BATCHED)
+}
+
+impl IoEngine for BatchedUring {
+    fn kind(&self) -> EngineKind {
+        EngineKind::IoUring
+    }
+
+    unsafe fn read_at(
+        &self,
+        fd: &Arc<OwnedFd>,
+        offset: u64,
+        ptr: *mut u8,
+        len: usize,
+        keep: KeepAlive,
+    ) -> IoFuture {
+        if let Err(e) = to_off(offset) {
+            return ready_err(e);
+        }
+        let kind = OpKind::Read {
+            offset,
+            addr: ptr as usize,
+            len,
+        };
+        UringEngine::this().op_batched(kind, fd, Some(keep), true)
+    }
+
+    unsafe fn write_at(
+        &self,
+        fd: &Arc<OwnedFd>,
+        offset: u64,
+        ptr: *const u8,
+        len: usize,
+        keep: KeepAlive,
+    ) -> IoFuture {
+        if let Err(e) = to_off(offset) {
+            return ready_err(e);
+        }
+        let kind = OpKind::Write {
+            offset,
+            addr: ptr as usize,
+            len,
+        };
+        UringEngine::this().op_batched(kind, fd, Some(keep), true)
+    }
+
+    fn sync(&self, fd: &Arc<OwnedFd>, datasync: bool) -> IoFuture {
+        UringEngine::this().sync(fd, datasync)
+    }
+
+    fn fallocate(&self, fd: &Arc<OwnedFd>, mode: i32, offset: u64, len: u64) -> IoFuture {
+        UringEngine::this().fallocate(fd, mode, offset, len)
+    }
+
+    fn truncate(&self, fd: &Arc<OwnedFd>, len: u64) -> IoFuture {
+        UringEngine::this().truncate(fd, len)
+    }
+
+    fn pending(&self) -> usize {
+        UringEngine::this().pending()
     }
 }
