@@ -707,6 +707,19 @@ impl UringEngine {
     }
 }
 
+/// A read or write on the shared rings, after checking the offset fits the
+/// kernel's `off_t`.
+fn rw(kind: OpKind, fd: &Arc<OwnedFd>, keep: KeepAlive, batch: bool) -> IoFuture {
+    let offset = match kind {
+        OpKind::Read { offset, .. } | OpKind::Write { offset, .. } => offset,
+        _ => 0,
+    };
+    if let Err(e) = to_off(offset) {
+        return ready_err(e);
+    }
+    UringEngine::this().op_batched(kind, fd, Some(keep), batch)
+}
+
 fn ready_err(e: io::Error) -> IoFuture {
     Box::pin(std::future::ready(Err(e)))
 }
@@ -724,15 +737,16 @@ impl IoEngine for UringEngine {
         len: usize,
         keep: KeepAlive,
     ) -> IoFuture {
-        if let Err(e) = to_off(offset) {
-            return ready_err(e);
-        }
-        let kind = OpKind::Read {
-            offset,
-            addr: ptr as usize,
-            len,
-        };
-        Self::this().op(kind, fd, Some(keep))
+        rw(
+            OpKind::Read {
+                offset,
+                addr: ptr as usize,
+                len,
+            },
+            fd,
+            keep,
+            false,
+        )
     }
 
     unsafe fn write_at(
@@ -743,15 +757,16 @@ impl IoEngine for UringEngine {
         len: usize,
         keep: KeepAlive,
     ) -> IoFuture {
-        if let Err(e) = to_off(offset) {
-            return ready_err(e);
-        }
-        let kind = OpKind::Write {
-            offset,
-            addr: ptr as usize,
-            len,
-        };
-        Self::this().op(kind, fd, Some(keep))
+        rw(
+            OpKind::Write {
+                offset,
+                addr: ptr as usize,
+                len,
+            },
+            fd,
+            keep,
+            false,
+        )
     }
 
     fn sync(&self, fd: &Arc<OwnedFd>, datasync: bool) -> IoFuture {
@@ -811,15 +826,16 @@ impl IoEngine for BatchedUring {
         len: usize,
         keep: KeepAlive,
     ) -> IoFuture {
-        if let Err(e) = to_off(offset) {
-            return ready_err(e);
-        }
-        let kind = OpKind::Read {
-            offset,
-            addr: ptr as usize,
-            len,
-        };
-        UringEngine::this().op_batched(kind, fd, Some(keep), true)
+        rw(
+            OpKind::Read {
+                offset,
+                addr: ptr as usize,
+                len,
+            },
+            fd,
+            keep,
+            true,
+        )
     }
 
     unsafe fn write_at(
@@ -830,15 +846,16 @@ impl IoEngine for BatchedUring {
         len: usize,
         keep: KeepAlive,
     ) -> IoFuture {
-        if let Err(e) = to_off(offset) {
-            return ready_err(e);
-        }
-        let kind = OpKind::Write {
-            offset,
-            addr: ptr as usize,
-            len,
-        };
-        UringEngine::this().op_batched(kind, fd, Some(keep), true)
+        rw(
+            OpKind::Write {
+                offset,
+                addr: ptr as usize,
+                len,
+            },
+            fd,
+            keep,
+            true,
+        )
     }
 
     fn sync(&self, fd: &Arc<OwnedFd>, datasync: bool) -> IoFuture {
