@@ -130,7 +130,7 @@ pub fn io_uring_unavailable_reason() -> Option<String> {
 pub fn engine(kind: EngineKind) -> io::Result<&'static dyn IoEngine> {
     match kind {
         EngineKind::Threads => Ok(threads::pool()),
-        EngineKind::IoUring => uring::engine().map(|e| e as &'static dyn IoEngine),
+        EngineKind::IoUring => uring::plain().map(|e| e as &'static dyn IoEngine),
     }
 }
 

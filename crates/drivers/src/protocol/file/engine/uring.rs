@@ -724,68 +724,9 @@ fn ready_err(e: io::Error) -> IoFuture {
     Box::pin(std::future::ready(Err(e)))
 }
 
-impl IoEngine for UringEngine {
-    fn kind(&self) -> EngineKind {
-        EngineKind::IoUring
-    }
-
-    unsafe fn read_at(
-        &self,
-        fd: &Arc<OwnedFd>,
-        offset: u64,
-        ptr: *mut u8,
-        len: usize,
-        keep: KeepAlive,
-    ) -> IoFuture {
-        rw(
-            OpKind::Read {
-                offset,
-                addr: ptr as usize,
-                len,
-            },
-            fd,
-            keep,
-            false,
-        )
-    }
-
-    unsafe fn write_at(
-        &self,
-        fd: &Arc<OwnedFd>,
-        offset: u64,
-        ptr: *const u8,
-        len: usize,
-        keep: KeepAlive,
-    ) -> IoFuture {
-        rw(
-            OpKind::Write {
-                offset,
-                addr: ptr as usize,
-                len,
-            },
-            fd,
-            keep,
-            false,
-        )
-    }
-
-    fn sync(&self, fd: &Arc<OwnedFd>, datasync: bool) -> IoFuture {
-        Self::this().op(OpKind::Sync { datasync }, fd, None)
-    }
-
-    fn fallocate(&self, fd: &Arc<OwnedFd>, mode: i32, offset: u64, len: u64) -> IoFuture {
-        if let Err(e) = to_off(offset).and_then(|_| to_off(len)) {
-            return ready_err(e);
-        }
-        Self::this().op(OpKind::Fallocate { mode, offset, len }, fd, None)
-    }
-
-    fn truncate(&self, fd: &Arc<OwnedFd>, len: u64) -> IoFuture {
-        // IORING_OP_FTRUNCATE is recent (Linux 6.9): use the thread pool.
-        super::threads::pool().truncate(fd, len)
-    }
-
-    fn pending(&self) -> usize {
+impl UringEngine {
+    /// Operations on the rings not yet completed and collected.
+    pub fn pending(&self) -> usize {
         self.rings
             .iter()
             .map(|r| {
@@ -796,24 +737,31 @@ impl IoEngine for UringEngine {
     }
 }
 
-/// The io_uring engine with batched submission of reads and writes: an
-/// operation that finds others in flight is queued and submitted with the
-/// rest of its event-loop turn in one `io_uring_enter`, as QEMU's io_uring
-/// code does. For O_DIRECT that lets the block layer plug and merge
-/// neighbouring requests (BENCHMARKS.md: 100000 sequential 4k reads at
-/// depth 64 reached the disk as 1665 requests from qemu-img and 100000 from
-/// sluice before this). Buffered I/O does not gain (page-cache hits
-/// complete at submission) and uses the plain engine.
-pub struct BatchedUring;
+/// The io_uring [`IoEngine`]: a handle on the shared rings of [`engine`].
+///
+/// With `BATCH`, a read or write that finds others in flight is queued and
+/// submitted with the rest of its event-loop turn in one `io_uring_enter`,
+/// as QEMU's io_uring code does. For O_DIRECT that lets the block layer
+/// plug and merge neighbouring requests (BENCHMARKS.md: 100000 sequential
+/// 4k reads at depth 64 reached the disk as 1665 requests from qemu-img and
+/// 100000 from sluice without it). Buffered I/O does not gain (page-cache
+/// hits complete at submission) and submits at once.
+pub struct Uring<const BATCH: bool>;
 
-static BATCHED: BatchedUring = BatchedUring;
+static PLAIN: Uring<false> = Uring;
+static BATCHED: Uring<true> = Uring;
 
-/// The batched io_uring engine (it shares the rings of [`engine`]).
-pub fn batched() -> io::Result<&'static BatchedUring> {
+/// io_uring with immediate submission.
+pub fn plain() -> io::Result<&'static Uring<false>> {
+    engine().map(|_| &PLAIN)
+}
+
+/// io_uring with batched submission of reads and writes.
+pub fn batched() -> io::Result<&'static Uring<true>> {
     engine().map(|_| &BATCHED)
 }
 
-impl IoEngine for BatchedUring {
+impl<const BATCH: bool> IoEngine for Uring<BATCH> {
     fn kind(&self) -> EngineKind {
         EngineKind::IoUring
     }
@@ -826,16 +774,12 @@ impl IoEngine for BatchedUring {
         len: usize,
         keep: KeepAlive,
     ) -> IoFuture {
-        rw(
-            OpKind::Read {
-                offset,
-                addr: ptr as usize,
-                len,
-            },
-            fd,
-            keep,
-            true,
-        )
+        let kind = OpKind::Read {
+            offset,
+            addr: ptr as usize,
+            len,
+        };
+        rw(kind, fd, keep, BATCH)
     }
 
     unsafe fn write_at(
@@ -846,28 +790,28 @@ impl IoEngine for BatchedUring {
         len: usize,
         keep: KeepAlive,
     ) -> IoFuture {
-        rw(
-            OpKind::Write {
-                offset,
-                addr: ptr as usize,
-                len,
-            },
-            fd,
-            keep,
-            true,
-        )
+        let kind = OpKind::Write {
+            offset,
+            addr: ptr as usize,
+            len,
+        };
+        rw(kind, fd, keep, BATCH)
     }
 
     fn sync(&self, fd: &Arc<OwnedFd>, datasync: bool) -> IoFuture {
-        UringEngine::this().sync(fd, datasync)
+        UringEngine::this().op(OpKind::Sync { datasync }, fd, None)
     }
 
     fn fallocate(&self, fd: &Arc<OwnedFd>, mode: i32, offset: u64, len: u64) -> IoFuture {
-        UringEngine::this().fallocate(fd, mode, offset, len)
+        if let Err(e) = to_off(offset).and_then(|_| to_off(len)) {
+            return ready_err(e);
+        }
+        UringEngine::this().op(OpKind::Fallocate { mode, offset, len }, fd, None)
     }
 
     fn truncate(&self, fd: &Arc<OwnedFd>, len: u64) -> IoFuture {
-        UringEngine::this().truncate(fd, len)
+        // IORING_OP_FTRUNCATE is recent (Linux 6.9): use the thread pool.
+        super::threads::pool().truncate(fd, len)
     }
 
     fn pending(&self) -> usize {
