@@ -122,23 +122,7 @@ async fn negative_control_a_plain_write_as_copy_up_loses_the_guest_write() {
 #[tokio::test]
 async fn bottom_limits_what_is_copied_inclusively() {
     let graph = Graph::new();
-    let w = graph.writer().await;
-    let base = add(
-        &w,
-        json!({"driver": "memory", "node-name": "base", "size": MIB}),
-    )
-    .await;
-    let mid = add(
-        &w,
-        json!({"driver": "memory", "node-name": "mid", "size": MIB, "backing": "base"}),
-    )
-    .await;
-    let top = add(
-        &w,
-        json!({"driver": "memory", "node-name": "top", "size": MIB, "backing": "mid"}),
-    )
-    .await;
-    drop(w);
+    let [base, mid, top] = memory_chain(&graph, ["base", "mid", "top"]).await;
     fill(&graph, &base, 0, 4096, 1).await;
     fill(&graph, &mid, 4096, 4096, 2).await;
     let w = graph.writer().await;

@@ -282,18 +282,7 @@ async fn drains_nest_and_queued_requests_hold_no_in_flight_count() {
 #[tokio::test]
 async fn draining_a_node_does_not_drain_its_children() {
     let graph = Graph::new();
-    let w = graph.writer().await;
-    let base = add(
-        &w,
-        json!({"driver": "memory", "node-name": "base", "size": MIB}),
-    )
-    .await;
-    let top = add(
-        &w,
-        json!({"driver": "memory", "node-name": "top", "size": MIB, "backing": "base"}),
-    )
-    .await;
-    drop(w);
+    let [base, top] = memory_chain(&graph, ["base", "top"]).await;
     let base_root = root_on(&graph, "base-user", &base, PermPair::reader_sharing_all())
         .await
         .unwrap();
@@ -356,18 +345,7 @@ async fn drain_all_quiesces_every_root() {
 #[tokio::test]
 async fn filters_insert_and_drop_around_a_node() {
     let graph = Graph::new();
-    let w = graph.writer().await;
-    let base = add(
-        &w,
-        json!({"driver": "memory", "node-name": "base", "size": MIB}),
-    )
-    .await;
-    let top = add(
-        &w,
-        json!({"driver": "memory", "node-name": "top", "size": MIB, "backing": "base"}),
-    )
-    .await;
-    drop(w);
+    let [base, top] = memory_chain(&graph, ["base", "top"]).await;
     fill(&graph, &base, 0, 8192, 0x5A).await;
     let root = root_on(&graph, "vda", &top, PermPair::writer())
         .await

@@ -10,23 +10,7 @@ use sluice_core::{DebugEvent, Error, Graph, PermPair, ZeroFlags};
 #[tokio::test]
 async fn block_status_reports_depth_through_a_chain() {
     let graph = Graph::new();
-    let w = graph.writer().await;
-    let base = add(
-        &w,
-        json!({"driver": "memory", "node-name": "base", "size": MIB}),
-    )
-    .await;
-    let mid = add(
-        &w,
-        json!({"driver": "memory", "node-name": "mid", "size": MIB, "backing": "base"}),
-    )
-    .await;
-    let top = add(
-        &w,
-        json!({"driver": "memory", "node-name": "top", "size": MIB, "backing": "mid"}),
-    )
-    .await;
-    drop(w);
+    let [base, mid, top] = memory_chain(&graph, ["base", "mid", "top"]).await;
     fill(&graph, &base, 0, 65536, 1).await;
     fill(&graph, &mid, 65536, 65536, 2).await;
     fill(&graph, &top, 131072, 4096, 3).await;

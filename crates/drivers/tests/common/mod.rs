@@ -73,3 +73,18 @@ pub async fn seed_chain(graph: &Graph) -> (Arc<Node>, Arc<Node>, Arc<Node>) {
     let mid = graph.node("mid").unwrap();
     (top, mid, base)
 }
+
+/// User-owned 1 MiB memory nodes named `names`, each backed by the one
+/// before it (`names[0]` has no backing): a backing chain, base first.
+pub async fn memory_chain<const N: usize>(graph: &Graph, names: [&str; N]) -> [Arc<Node>; N] {
+    let w = graph.writer().await;
+    let mut nodes: Vec<Arc<Node>> = Vec::new();
+    for name in names {
+        let mut opts = json!({"driver": "memory", "node-name": name, "size": MIB});
+        if let Some(below) = nodes.last() {
+            opts["backing"] = json!(below.name());
+        }
+        nodes.push(add(&w, opts).await);
+    }
+    nodes.try_into().expect("one node per name")
+}
