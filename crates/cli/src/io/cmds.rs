@@ -407,6 +407,20 @@ fn help(args: &[String]) -> i32 {
 }
 
 /// Parses a number argument, printing qemu-io's message on failure.
+/// The `offset length` operands of read and discard, as qemu-io checks them.
+fn offset_and_length(operands: &[String]) -> Result<(u64, u64), i32> {
+    let offset = num(&operands[0])?;
+    let len = num(&operands[1])?;
+    if len > MAX_REQUEST_BYTES {
+        out(&format!(
+            "length cannot exceed {MAX_REQUEST_BYTES}, given {}\n",
+            operands[1]
+        ));
+        return Err(-EINVAL);
+    }
+    Ok((offset, len))
+}
+
 fn num(arg: &str) -> Result<u64, i32> {
     cvtnum(arg).map_err(|e| {
         out(&format!("{}\n", num_error_text(e, arg)));
@@ -503,21 +517,10 @@ async fn read(s: &mut Session, ct: &CmdInfo, name: &str, args: &[String]) -> i32
     if p.error.is_some() || p.operands.len() != 2 {
         return bad_usage(ct, p.error.as_ref());
     }
-    let offset = match num(&p.operands[0]) {
-        Ok(n) => n,
+    let (offset, count) = match offset_and_length(&p.operands) {
+        Ok(x) => x,
         Err(e) => return e,
     };
-    let count = match num(&p.operands[1]) {
-        Ok(n) => n,
-        Err(e) => return e,
-    };
-    if count > MAX_REQUEST_BYTES {
-        out(&format!(
-            "length cannot exceed {MAX_REQUEST_BYTES}, given {}\n",
-            p.operands[1]
-        ));
-        return -EINVAL;
-    }
     if pattern.is_none() && (pcount.is_some() || poff.is_some()) {
         return bad_usage(ct, None);
     }
@@ -1026,21 +1029,10 @@ async fn discard(s: &mut Session, ct: &CmdInfo, name: &str, args: &[String]) -> 
     if p.error.is_some() || p.operands.len() != 2 {
         return bad_usage(ct, p.error.as_ref());
     }
-    let offset = match num(&p.operands[0]) {
-        Ok(v) => v,
+    let (offset, bytes) = match offset_and_length(&p.operands) {
+        Ok(x) => x,
         Err(e) => return e,
     };
-    let bytes = match num(&p.operands[1]) {
-        Ok(v) => v,
-        Err(e) => return e,
-    };
-    if bytes > MAX_REQUEST_BYTES {
-        out(&format!(
-            "length cannot exceed {MAX_REQUEST_BYTES}, given {}\n",
-            p.operands[1]
-        ));
-        return -EINVAL;
-    }
     let r = root(s);
     let t = Instant::now();
     let res = if bytes == 0 {
