@@ -661,17 +661,41 @@ fn vec_opts(
     Ok((o, p.operands))
 }
 
+/// `offset len [len...]` of the vectored commands.
+fn offset_and_iovec(ops: &[String]) -> Result<(u64, u64), i32> {
+    Ok((num(&ops[0])?, iovec_len(&ops[1..])?))
+}
+
+/// What readv and aio_read print for a completed read: a pattern mismatch,
+/// the `-v` dump and the report line. Returns -EINVAL on a mismatch.
+fn read_report(buf: &[u8], offset: u64, count: u64, o: &VecOpts, elapsed: Duration) -> i32 {
+    let mut ret = 0;
+    let mut text = String::new();
+    if let Some(pat) = o.pattern {
+        if pattern_mismatch(buf, pat) {
+            text.push_str(&format!(
+                "Pattern verification failed at offset {offset}, {count} bytes\n"
+            ));
+            ret = -EINVAL;
+        }
+    }
+    if !o.q {
+        if o.v {
+            text.push_str(&dump_buffer(buf, offset));
+        }
+        text.push_str(&report("read", elapsed, offset, count, count, 1, o.cflag));
+    }
+    out(&text);
+    ret
+}
+
 async fn readv(s: &mut Session, ct: &CmdInfo, name: &str, args: &[String]) -> i32 {
     let (o, ops) = match vec_opts(ct, name, args, "CP:qrv") {
         Ok(x) => x,
         Err(e) => return e,
     };
-    let offset = match num(&ops[0]) {
-        Ok(n) => n,
-        Err(e) => return e,
-    };
-    let count = match iovec_len(&ops[1..]) {
-        Ok(n) => n,
+    let (offset, count) = match offset_and_iovec(&ops) {
+        Ok(x) => x,
         Err(e) => return e,
     };
     let r = root(s);
@@ -685,24 +709,7 @@ async fn readv(s: &mut Session, ct: &CmdInfo, name: &str, args: &[String]) -> i3
             return e;
         }
     };
-    let mut ret = 0;
-    let mut text = String::new();
-    if let Some(pat) = o.pattern {
-        if pattern_mismatch(&buf, pat) {
-            text.push_str(&format!(
-                "Pattern verification failed at offset {offset}, {count} bytes\n"
-            ));
-            ret = -EINVAL;
-        }
-    }
-    if !o.q {
-        if o.v {
-            text.push_str(&dump_buffer(&buf, offset));
-        }
-        text.push_str(&report("read", elapsed, offset, count, count, 1, o.cflag));
-    }
-    out(&text);
-    ret
+    read_report(&buf, offset, count, &o, elapsed)
 }
 
 async fn writev(s: &mut Session, ct: &CmdInfo, name: &str, args: &[String]) -> i32 {
@@ -710,12 +717,8 @@ async fn writev(s: &mut Session, ct: &CmdInfo, name: &str, args: &[String]) -> i
         Ok(x) => x,
         Err(e) => return e,
     };
-    let offset = match num(&ops[0]) {
-        Ok(n) => n,
-        Err(e) => return e,
-    };
-    let count = match iovec_len(&ops[1..]) {
-        Ok(n) => n,
+    let (offset, count) = match offset_and_iovec(&ops) {
+        Ok(x) => x,
         Err(e) => return e,
     };
     let r = root(s);
@@ -751,12 +754,8 @@ async fn aio_read(s: &mut Session, ct: &CmdInfo, name: &str, args: &[String]) ->
         out("injecting invalid read request\n");
         return 0;
     }
-    let offset = match num(&ops[0]) {
-        Ok(n) => n,
-        Err(e) => return e,
-    };
-    let count = match iovec_len(&ops[1..]) {
-        Ok(n) => n,
+    let (offset, count) = match offset_and_iovec(&ops) {
+        Ok(x) => x,
         Err(e) => return e,
     };
     let r = root(s);
@@ -772,21 +771,7 @@ async fn aio_read(s: &mut Session, ct: &CmdInfo, name: &str, args: &[String]) ->
                     return;
                 }
             };
-            let mut text = String::new();
-            if let Some(pat) = o.pattern {
-                if pattern_mismatch(&buf, pat) {
-                    text.push_str(&format!(
-                        "Pattern verification failed at offset {offset}, {count} bytes\n"
-                    ));
-                }
-            }
-            if !o.q {
-                if o.v {
-                    text.push_str(&dump_buffer(&buf, offset));
-                }
-                text.push_str(&report("read", elapsed, offset, count, count, 1, o.cflag));
-            }
-            out(&text);
+            read_report(&buf, offset, count, &o, elapsed);
         })
         .await;
     announce_suspended(s);
