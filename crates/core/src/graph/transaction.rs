@@ -144,6 +144,24 @@ impl<'w, 'g> Transaction<'w, 'g> {
         )
     }
 
+    /// A node has at most one child per role.
+    fn check_role_free(parent: &Arc<Node>, role: Role) -> Result<()> {
+        match parent.child(role) {
+            Some(_) => Err(Error::GraphChange(format!(
+                "node '{}' already has a '{}' child",
+                parent.name(),
+                role
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    fn existing_edge(parent: &Arc<Node>, role: Role) -> Result<Arc<Edge>> {
+        parent.child_edge(role).ok_or_else(|| {
+            Error::GraphChange(format!("node '{}' has no '{}' child", parent.name(), role))
+        })
+    }
+
     fn check_no_cycle(parent: &Arc<Node>, child: &Arc<Node>) -> Result<()> {
         if is_ancestor_or_self(child, parent) {
             return Err(Error::GraphChange(format!(
@@ -162,13 +180,7 @@ impl<'w, 'g> Transaction<'w, 'g> {
         let node = Node::new(name, spec.driver, spec.size, spec.read_only, spec.implicit);
         self.register(&node)?;
         for (role, child) in &spec.children {
-            if node.child(*role).is_some() {
-                return Err(Error::GraphChange(format!(
-                    "node '{}' already has a '{}' child",
-                    node.name(),
-                    role
-                )));
-            }
+            Self::check_role_free(&node, *role)?;
             if child.is_closed() {
                 return Err(Error::NodeClosed {
                     node: child.name().to_string(),
@@ -213,13 +225,7 @@ impl<'w, 'g> Transaction<'w, 'g> {
         child: &Arc<Node>,
     ) -> Result<()> {
         self.require(proof, parent)?;
-        if parent.child(role).is_some() {
-            return Err(Error::GraphChange(format!(
-                "node '{}' already has a '{}' child",
-                parent.name(),
-                role
-            )));
-        }
+        Self::check_role_free(parent, role)?;
         Self::check_no_cycle(parent, child)?;
         self.link(Self::new_edge(parent, role, child))
     }
@@ -232,9 +238,7 @@ impl<'w, 'g> Transaction<'w, 'g> {
         role: Role,
     ) -> Result<()> {
         self.require(proof, parent)?;
-        let edge = parent.child_edge(role).ok_or_else(|| {
-            Error::GraphChange(format!("node '{}' has no '{}' child", parent.name(), role))
-        })?;
+        let edge = Self::existing_edge(parent, role)?;
         self.unlink(&edge)
     }
 
@@ -248,9 +252,7 @@ impl<'w, 'g> Transaction<'w, 'g> {
     ) -> Result<()> {
         self.require(proof, parent)?;
         Self::check_no_cycle(parent, child)?;
-        let old = parent.child_edge(role).ok_or_else(|| {
-            Error::GraphChange(format!("node '{}' has no '{}' child", parent.name(), role))
-        })?;
+        let old = Self::existing_edge(parent, role)?;
         self.unlink(&old)?;
         self.link(Self::new_edge(parent, role, child))
     }
