@@ -225,9 +225,7 @@ where
             };
             let Some(guard) = server.attach(name) else {
                 // This option cannot fail politely: the protocol says close.
-                return Err(HandshakeEnd::Violation(format!(
-                    "export '{name}' not present"
-                )));
+                return Err(HandshakeEnd::Violation(not_present(name)));
             };
             let export = guard.export().clone();
             let mut out = Vec::with_capacity(134);
@@ -341,13 +339,7 @@ where
                     continue;
                 }
                 let Some(view) = server.view(&name) else {
-                    send_err(
-                        w,
-                        opt,
-                        REP_ERR_UNKNOWN,
-                        &format!("export '{name}' not present"),
-                    )
-                    .await?;
+                    send_err(w, opt, REP_ERR_UNKNOWN, &not_present(&name)).await?;
                     continue;
                 };
                 let wants_block_size = requests.contains(&INFO_BLOCK_SIZE);
@@ -357,13 +349,7 @@ where
                     continue;
                 }
                 let Some(guard) = server.attach(&name) else {
-                    send_err(
-                        w,
-                        opt,
-                        REP_ERR_UNKNOWN,
-                        &format!("export '{name}' not present"),
-                    )
-                    .await?;
+                    send_err(w, opt, REP_ERR_UNKNOWN, &not_present(&name)).await?;
                     continue;
                 };
                 send_rep(w, opt, REP_ACK, &[]).await?;
@@ -408,13 +394,7 @@ where
                     }
                 };
                 let Some(view) = server.view(&name) else {
-                    send_err(
-                        w,
-                        opt,
-                        REP_ERR_UNKNOWN,
-                        &format!("export '{name}' not present"),
-                    )
-                    .await?;
+                    send_err(w, opt, REP_ERR_UNKNOWN, &not_present(&name)).await?;
                     continue;
                 };
                 let mut found: Vec<Ctx> = Vec::new();
@@ -1070,4 +1050,9 @@ async fn block_status<W: AsyncWrite + Unpin + Send>(
         .map(|(c, descs)| Chunk::Status { id: c.id(), descs })
         .collect();
     ctx.chunks(req.handle, chunks).await
+}
+
+/// The error message for an export name that is not there.
+fn not_present(name: &str) -> String {
+    format!("export '{name}' not present")
 }
