@@ -269,6 +269,34 @@ pub trait BlockDriver: Send + Sync + 'static {
     /// cover less than `len` but at least one byte.
     async fn block_status(&self, node: &Node, offset: u64, len: u64) -> Result<DriverStatus>;
 
+    /// Grows or shrinks the node to `size` bytes (QEMU's `bdrv_co_truncate`,
+    /// `block_resize`, `qemu-img resize`). `prealloc` is QEMU's
+    /// `preallocation` value for the new area (`off` unless asked). On
+    /// success the caller records the new size with `Node::set_size`.
+    async fn truncate(&self, node: &Node, _size: u64, _prealloc: &str) -> Result<()> {
+        Err(Error::NotSupported {
+            node: node.name().to_string(),
+            driver: self.driver_name(),
+            what: "resizing",
+        })
+    }
+
+    /// Rewrites the backing file name and format recorded in the image
+    /// (QEMU's `bdrv_change_backing_file`): what the end of a stream or
+    /// commit job leaves in the header. `None` removes the backing link.
+    async fn change_backing_file(
+        &self,
+        node: &Node,
+        _backing_file: Option<&str>,
+        _backing_fmt: Option<&str>,
+    ) -> Result<()> {
+        Err(Error::NotSupported {
+            node: node.name().to_string(),
+            driver: self.driver_name(),
+            what: "changing the backing file in the image",
+        })
+    }
+
     /// Whether this driver reacts to debug events (only `blkdebug` does).
     fn handles_debug_events(&self) -> bool {
         false
