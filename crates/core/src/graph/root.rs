@@ -6,7 +6,7 @@
 
 use super::node::{Edge, Node, Parent};
 use crate::buf::{IoBuf, IoBytes};
-use crate::drain::gate::Gate;
+use crate::drain::gate::{Gate, InFlight};
 use crate::driver::{WriteFlags, ZeroFlags};
 use crate::error::{Error, Result};
 use crate::perm::{Perm, PermPair};
@@ -69,6 +69,14 @@ impl Root {
     /// Whether new requests are being queued by a drained section.
     pub fn is_quiesced(&self) -> bool {
         self.inner.gate.is_quiesced()
+    }
+
+    /// Counts one request in flight through this root, waiting first while
+    /// a drained section covers it. Users that query a node below the root
+    /// directly (a job asking one layer for its allocation) hold this
+    /// guard meanwhile, so drains wait for them and they wait for drains.
+    pub async fn admit(&self) -> InFlight {
+        self.inner.gate.enter().await
     }
 
     fn require(&self, perm: Perm, op: &str) -> Result<()> {

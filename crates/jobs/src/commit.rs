@@ -1,0 +1,208 @@
+//! `block-commit` of an intermediate layer: copies what `top` and the
+//! layers between it and `base` hold into `base`, then points top's
+//! overlays at `base` and drops the committed layers.
+//!
+//! `prepare` drains `top` (so every overlay above it, and their users,
+//! are quiesced), rewrites each overlay's header to name `base`, and sets
+//! the backing links in one transaction; committed layers that no one
+//! else uses are closed when it commits.
+
+use crate::chain::{allocated_above, intermediates, skip_filters};
+use crate::job::{ErrorAction, Job, JobDriver, JobManager, JobOptions};
+use crate::stream::rewrite_backing;
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use sluice_core::{Error, Graph, Node, Parent, Perm, PermPair, Result, Role, Root, WriteFlags};
+use std::sync::Arc;
+
+/// How much one step copies (QEMU's `COMMIT_BUFFER_SIZE`).
+const CHUNK: u64 = 512 * 1024;
+
+/// What `block-commit` asks for, with its nodes resolved.
+pub struct CommitParams {
+    /// The highest layer to commit; it must have an overlay.
+    pub top: Arc<Node>,
+    /// The layer that receives the data and stays.
+    pub base: Arc<Node>,
+    /// The backing file name written into the overlays' headers.
+    pub backing_file: Option<String>,
+}
+
+struct Commit {
+    params: CommitParams,
+    top_root: Mutex<Option<Arc<Root>>>,
+    base_root: Mutex<Option<Arc<Root>>>,
+}
+
+/// The nodes that use `node` as their backing layer.
+fn overlays(node: &Arc<Node>) -> Vec<Arc<Node>> {
+    node.parents()
+        .iter()
+        .filter(|e| e.role() == Role::Backing)
+        .filter_map(|e| match e.parent() {
+            Parent::Node(_) => e.parent().node(),
+            Parent::Root(_) => None,
+        })
+        .collect()
+}
+
+/// Starts committing `params.top` (not the active layer) into `params.base`.
+pub async fn start(jobs: &JobManager, opts: JobOptions, params: CommitParams) -> Result<Arc<Job>> {
+    let w = jobs.graph().writer().await;
+    if Arc::ptr_eq(&params.top, &params.base) {
+        return Err(Error::Other("cannot commit an image into itself".into()));
+    }
+    intermediates(&params.top, Some(&params.base))?;
+    if overlays(&params.top).is_empty() {
+        return Err(Error::Other(format!(
+            "'{}' is the active layer: commit it with an active commit",
+            params.top.name()
+        )));
+    }
+    let base = skip_filters(&params.base);
+    if base.is_read_only() {
+        return Err(Error::Other(format!(
+            "Node '{}' is read-only: cannot commit into it",
+            base.name()
+        )));
+    }
+    let top_root = w
+        .add_root(
+            "job",
+            &opts.id,
+            &params.top,
+            PermPair::new(Perm::CONSISTENT_READ, Perm::ALL),
+        )
+        .await?;
+    let base_root = w
+        .add_root(
+            "job",
+            &opts.id,
+            &params.base,
+            PermPair::new(Perm::WRITE | Perm::CONSISTENT_READ, Perm::ALL),
+        )
+        .await?;
+    drop(w);
+    jobs.spawn(
+        opts,
+        Box::new(Commit {
+            params,
+            top_root: Mutex::new(Some(Arc::new(top_root))),
+            base_root: Mutex::new(Some(Arc::new(base_root))),
+        }),
+    )
+}
+
+impl Commit {
+    async fn copy(&self, top: &Root, base: &Root, offset: u64, want: u64) -> Result<(u64, u64)> {
+        let (alloc, n) = {
+            let _admitted = top.admit().await;
+            allocated_above(&self.params.top, Some(&self.params.base), offset, want).await?
+        };
+        if !alloc {
+            return Ok((n, 0));
+        }
+        let data = top.read(offset, n as usize).await?;
+        base.write(offset, data.freeze(), WriteFlags::default())
+            .await
+            .map_err(|e| Error::Other(format!("write: {e}")))?;
+        Ok((n, n))
+    }
+}
+
+#[async_trait]
+impl JobDriver for Commit {
+    fn job_type(&self) -> &'static str {
+        "commit"
+    }
+
+    async fn run(&self, job: &Arc<Job>) -> Result<()> {
+        let top = self.top_root.lock().clone();
+        let base = self.base_root.lock().clone();
+        let (Some(top), Some(base)) = (top, base) else {
+            return Err(Error::Other("the commit job has no roots".into()));
+        };
+        let len = self.params.top.size();
+        if self.params.base.size() < len {
+            return Err(Error::Other(format!(
+                "Top image '{}' is larger than base image '{}'",
+                self.params.top.name(),
+                self.params.base.name()
+            )));
+        }
+        job.progress_set_remaining(len);
+        let mut first_error = None;
+        let (mut offset, mut last) = (0, 0);
+        while offset < len {
+            job.rate_limit(last).await;
+            if job.is_cancelled() {
+                break;
+            }
+            let want = CHUNK.min(len - offset);
+            match self.copy(&top, &base, offset, want).await {
+                Ok((n, copied)) => {
+                    offset += n;
+                    last = copied;
+                    job.progress_update(n);
+                }
+                Err(e) => {
+                    let is_read = !e.to_string().starts_with("write: ");
+                    match job.error_action(is_read, &e) {
+                        ErrorAction::Stop => last = 0,
+                        ErrorAction::Report => return Err(e),
+                        ErrorAction::Ignore => {
+                            first_error.get_or_insert(e);
+                            offset += want;
+                            job.progress_update(want);
+                        }
+                    }
+                }
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    async fn prepare(&self, graph: &Graph) -> Result<()> {
+        let p = &self.params;
+        // Nothing is in flight through the job's roots any more; dropping
+        // the one on top lets the committed layers go at commit.
+        self.top_root.lock().take();
+        let w = graph.writer().await;
+        let drained = w.drain(&p.top).await;
+        let base = skip_filters(&p.base);
+        let name = p.backing_file.clone().or_else(|| base.driver().filename());
+        let fmt = base.driver_name().to_string();
+        let ups = overlays(&p.top);
+        for o in &ups {
+            rewrite_backing(o, name.as_deref(), Some(&fmt)).await?;
+        }
+        let mut tx = w.transaction();
+        let mut staged = Ok(());
+        for o in &ups {
+            staged = tx.set_backing(&drained, o, Some(&p.base));
+            if staged.is_err() {
+                break;
+            }
+        }
+        let result = match staged {
+            Ok(()) => tx.commit().await,
+            Err(e) => Err(e),
+        };
+        if result.is_err() {
+            let old = p.top.driver().filename();
+            let old_fmt = p.top.driver_name().to_string();
+            for o in &ups {
+                let _ = rewrite_backing(o, old.as_deref(), Some(&old_fmt)).await;
+            }
+        }
+        result
+    }
+
+    async fn clean(&self, _graph: &Graph) {
+        self.top_root.lock().take();
+        self.base_root.lock().take();
+    }
+}

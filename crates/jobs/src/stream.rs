@@ -1,0 +1,280 @@
+//! `block-stream`: copies the data of the layers between `top` and `base`
+//! into `top`, then makes `base` top's backing — the job whose last step
+//! the QEMU thread found racing with a read.
+//!
+//! At the start a `copy-on-read` filter goes above `top` (guest reads copy
+//! up too); the job reads every range `top` lacks through it. `prepare`
+//! drains `top` — which quiesces the filter, the job's root and every
+//! guest root above — rewrites top's header to name `base`, and in one
+//! transaction drops the filter and sets the backing link. Intermediate
+//! nodes no one else uses are closed when it commits.
+
+use crate::chain::{base_overlay, intermediates};
+use crate::job::{ErrorAction, Job, JobDriver, JobManager, JobOptions};
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use sluice_core::{
+    DriverStatus, Error, Graph, GraphWriter, Node, NodeSpec, Perm, PermPair, Result, Root,
+};
+use sluice_drivers::filter::copy_on_read::CopyOnReadDriver;
+use std::sync::Arc;
+
+/// How much one step copies (QEMU's `STREAM_CHUNK`).
+const CHUNK: u64 = 512 * 1024;
+
+/// What `block-stream` asks for, with its nodes resolved.
+pub struct StreamParams {
+    /// The overlay that receives the data (`device`).
+    pub top: Arc<Node>,
+    /// The node that stays below `top`; `None` streams the whole chain.
+    pub base: Option<Arc<Node>>,
+    /// The backing file name written into top's header (`backing-file`);
+    /// by default base's file name.
+    pub backing_file: Option<String>,
+    /// Node-name for the copy-on-read filter (`filter-node-name`).
+    pub filter_node_name: Option<String>,
+    /// Test-only: finish without a drained section (negative controls).
+    #[cfg(feature = "test-hooks")]
+    pub skip_drain_for_negative_control: bool,
+}
+
+impl StreamParams {
+    pub fn new(top: &Arc<Node>, base: Option<&Arc<Node>>) -> StreamParams {
+        StreamParams {
+            top: top.clone(),
+            base: base.cloned(),
+            backing_file: None,
+            filter_node_name: None,
+            #[cfg(feature = "test-hooks")]
+            skip_drain_for_negative_control: false,
+        }
+    }
+}
+
+struct Stream {
+    params: StreamParams,
+    filter: Mutex<Option<Arc<Node>>>,
+    root: Mutex<Option<Arc<Root>>>,
+}
+
+/// Starts a stream job: inserts the filter (drained) and sets it running.
+pub async fn start(jobs: &JobManager, opts: JobOptions, params: StreamParams) -> Result<Arc<Job>> {
+    let w = jobs.graph().writer().await;
+    let top = &params.top;
+    intermediates(top, params.base.as_ref())?;
+    if top.is_read_only() {
+        return Err(Error::Other(format!(
+            "Node '{}' is read-only: cannot stream into it",
+            top.name()
+        )));
+    }
+    let bottom = base_overlay(top, params.base.as_ref())?;
+    let filter = w
+        .add_node(NodeSpec {
+            name: params
+                .filter_node_name
+                .as_deref()
+                .map(sluice_core::NodeName::new)
+                .transpose()?,
+            driver: Box::new(CopyOnReadDriver::new(Some(bottom.name().to_string()))),
+            size: top.size(),
+            read_only: false,
+            children: vec![(sluice_core::Role::File, top.clone())],
+            implicit: params.filter_node_name.is_none(),
+        })
+        .await?;
+    {
+        let drained = w.drain(top).await;
+        w.insert_filter(&drained, top, &filter).await?;
+    }
+    let root = match w
+        .add_root(
+            "job",
+            &opts.id,
+            &filter,
+            PermPair::new(Perm::CONSISTENT_READ, Perm::ALL),
+        )
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            remove_filter(&w, top, &filter).await;
+            return Err(e);
+        }
+    };
+    let driver = Stream {
+        params,
+        filter: Mutex::new(Some(filter.clone())),
+        root: Mutex::new(Some(Arc::new(root))),
+    };
+    drop(w);
+    match jobs.create(opts, Box::new(driver), None) {
+        Ok(job) => {
+            jobs.start(&job);
+            Ok(job)
+        }
+        Err(e) => {
+            // The driver (and its root) is gone; take the filter out again.
+            let w = jobs.graph().writer().await;
+            remove_filter(&w, &params_top(&filter), &filter).await;
+            Err(e)
+        }
+    }
+}
+
+fn params_top(filter: &Arc<Node>) -> Arc<Node> {
+    filter.filtered_child().expect("the filter has its child")
+}
+
+async fn remove_filter(w: &GraphWriter<'_>, top: &Arc<Node>, filter: &Arc<Node>) {
+    let drained = w.drain(top).await;
+    if let Err(e) = w.drop_filter(&drained, filter).await {
+        tracing::warn!(
+            filter = filter.name(),
+            "could not drop the stream filter: {e}"
+        );
+    }
+}
+
+impl Stream {
+    fn root(&self) -> Result<Arc<Root>> {
+        self.root
+            .lock()
+            .clone()
+            .ok_or_else(|| Error::Other("the stream job has no root".into()))
+    }
+
+    /// Whether `top` itself holds `[offset, offset + len)`'s start, and for
+    /// how long the answer holds.
+    async fn allocated_in_top(&self, root: &Root, offset: u64, len: u64) -> Result<(bool, u64)> {
+        let _admitted = root.admit().await;
+        let st = self.params.top.block_status(offset, len).await?;
+        let n = st.len().clamp(1, len);
+        Ok((!matches!(st, DriverStatus::Unallocated { .. }), n))
+    }
+}
+
+#[async_trait]
+impl JobDriver for Stream {
+    fn job_type(&self) -> &'static str {
+        "stream"
+    }
+
+    async fn run(&self, job: &Arc<Job>) -> Result<()> {
+        let root = self.root()?;
+        let len = self.params.top.size();
+        job.progress_set_remaining(len);
+        let mut first_error = None;
+        let mut offset = 0;
+        let mut last = 0;
+        while offset < len {
+            job.rate_limit(last).await;
+            if job.is_cancelled() {
+                break;
+            }
+            let want = CHUNK.min(len - offset);
+            let step = match self.allocated_in_top(&root, offset, want).await {
+                Ok((true, n)) => Ok((n, 0)),
+                // The filter copies up whatever a layer above base holds.
+                Ok((false, n)) => root.read(offset, n as usize).await.map(|_| (n, n)),
+                Err(e) => Err(e),
+            };
+            match step {
+                Ok((n, copied)) => {
+                    offset += n;
+                    last = copied;
+                    job.progress_update(n);
+                }
+                Err(e) => match job.error_action(true, &e) {
+                    ErrorAction::Stop => last = 0, // retried after resume
+                    ErrorAction::Report => return Err(e),
+                    ErrorAction::Ignore => {
+                        first_error.get_or_insert(e);
+                        offset += want;
+                        job.progress_update(want);
+                    }
+                },
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    async fn prepare(&self, graph: &Graph) -> Result<()> {
+        let p = &self.params;
+        let w = graph.writer().await;
+        #[cfg(feature = "test-hooks")]
+        let drained = if p.skip_drain_for_negative_control {
+            w.drain_skipped_for_negative_control(&p.top)
+        } else {
+            w.drain(&p.top).await
+        };
+        #[cfg(not(feature = "test-hooks"))]
+        let drained = w.drain(&p.top).await;
+
+        let new_name = match (&p.backing_file, &p.base) {
+            (Some(f), _) => Some(f.clone()),
+            (None, Some(b)) => crate::chain::skip_filters(b).driver().filename(),
+            (None, None) => None,
+        };
+        let new_fmt = p
+            .base
+            .as_ref()
+            .map(|b| crate::chain::skip_filters(b).driver_name().to_string());
+        rewrite_backing(&p.top, new_name.as_deref(), new_fmt.as_deref()).await?;
+
+        let mut tx = w.transaction();
+        let filter = self.filter.lock().clone();
+        let result = (|| {
+            if let Some(f) = &filter {
+                tx.drop_filter(&drained, f)?;
+            }
+            tx.set_backing(&drained, &p.top, p.base.as_ref())
+        })();
+        let result = match result {
+            Ok(()) => tx.commit().await,
+            Err(e) => Err(e), // dropping `tx` rolls its steps back
+        };
+        match result {
+            Ok(()) => {
+                self.filter.lock().take();
+                Ok(())
+            }
+            Err(e) => {
+                // The graph is as before: so is the header, as near as we
+                // can name the old backing.
+                let old = p.top.child(sluice_core::Role::Backing);
+                let name = old.as_ref().and_then(|o| o.driver().filename());
+                let fmt = old.as_ref().map(|o| o.driver_name().to_string());
+                let _ = rewrite_backing(&p.top, name.as_deref(), fmt.as_deref()).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn clean(&self, graph: &Graph) {
+        // The job's root goes first: it is a parent of the filter.
+        self.root.lock().take();
+        let filter = self.filter.lock().take();
+        if let Some(f) = filter {
+            let w = graph.writer().await;
+            remove_filter(&w, &self.params.top, &f).await;
+        }
+    }
+}
+
+/// Writes the backing file name and format into `node`'s image header.
+/// Nodes without a header that names a backing file (RAM disks) have
+/// nothing to rewrite.
+pub(crate) async fn rewrite_backing(
+    node: &Arc<Node>,
+    name: Option<&str>,
+    fmt: Option<&str>,
+) -> Result<()> {
+    match node.driver().change_backing_file(node, name, fmt).await {
+        Err(Error::NotSupported { .. }) => Ok(()),
+        other => other,
+    }
+}
