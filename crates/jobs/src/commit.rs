@@ -8,6 +8,7 @@
 //! else uses are closed when it commits.
 
 use crate::chain::{allocated_above, intermediates, skip_filters};
+use crate::filters::{insert_filter, remove_filter, CommitTop};
 use crate::job::{ErrorAction, Job, JobDriver, JobManager, JobOptions};
 use crate::stream::rewrite_backing;
 use async_trait::async_trait;
@@ -30,6 +31,8 @@ pub struct CommitParams {
 
 struct Commit {
     params: CommitParams,
+    /// `commit_top` above `top` while the job runs.
+    filter: Mutex<Option<Arc<Node>>>,
     top_root: Mutex<Option<Arc<Root>>>,
     base_root: Mutex<Option<Arc<Root>>>,
 }
@@ -66,10 +69,48 @@ pub async fn start(jobs: &JobManager, opts: JobOptions, params: CommitParams) ->
             base.name()
         )));
     }
+    let filter = insert_filter(&w, &params.top, Box::new(CommitTop), None).await?;
+    let roots = add_roots(&w, &opts.id, &params).await;
+    let (top_root, base_root) = match roots {
+        Ok(r) => r,
+        Err(e) => {
+            remove_filter(&w, &params.top, &filter).await;
+            return Err(e);
+        }
+    };
+    drop(w);
+    let driver = Commit {
+        params,
+        filter: Mutex::new(Some(filter)),
+        top_root: Mutex::new(Some(Arc::new(top_root))),
+        base_root: Mutex::new(Some(Arc::new(base_root))),
+    };
+    // On an error the driver is dropped and its roots with it; the filter
+    // is taken out below.
+    let top = driver.params.top.clone();
+    let filter = driver.filter.lock().clone();
+    match jobs.spawn(opts, Box::new(driver)) {
+        Ok(job) => Ok(job),
+        Err(e) => {
+            if let Some(f) = filter {
+                let w = jobs.graph().writer().await;
+                remove_filter(&w, &top, &f).await;
+            }
+            Err(e)
+        }
+    }
+}
+
+/// The job's two roots: reading `top`, writing `base`.
+async fn add_roots(
+    w: &sluice_core::GraphWriter<'_>,
+    id: &str,
+    params: &CommitParams,
+) -> Result<(Root, Root)> {
     let top_root = w
         .add_root(
             "job",
-            &opts.id,
+            id,
             &params.top,
             PermPair::new(Perm::CONSISTENT_READ, Perm::ALL),
         )
@@ -77,20 +118,12 @@ pub async fn start(jobs: &JobManager, opts: JobOptions, params: CommitParams) ->
     let base_root = w
         .add_root(
             "job",
-            &opts.id,
+            id,
             &params.base,
             PermPair::new(Perm::WRITE | Perm::CONSISTENT_READ, Perm::ALL),
         )
         .await?;
-    drop(w);
-    jobs.spawn(
-        opts,
-        Box::new(Commit {
-            params,
-            top_root: Mutex::new(Some(Arc::new(top_root))),
-            base_root: Mutex::new(Some(Arc::new(base_root))),
-        }),
-    )
+    Ok((top_root, base_root))
 }
 
 impl Commit {
@@ -167,15 +200,20 @@ impl JobDriver for Commit {
 
     async fn prepare(&self, graph: &Graph) -> Result<()> {
         let p = &self.params;
-        // Nothing is in flight through the job's roots any more; dropping
-        // the one on top lets the committed layers go at commit.
+        // Nothing is in flight through the job's roots any more. The one on
+        // top goes so the committed layers can close; the one writing base
+        // goes so the overlays' backing links (which do not share writing)
+        // can take base (as QEMU's commit_prepare drops `s->base`).
         self.top_root.lock().take();
+        self.base_root.lock().take();
         let w = graph.writer().await;
         let drained = w.drain(&p.top).await;
         let base = skip_filters(&p.base);
         let name = p.backing_file.clone().or_else(|| base.driver().filename());
         let fmt = base.driver_name().to_string();
-        let ups = overlays(&p.top);
+        // The overlays sit on the `commit_top` filter now.
+        let filter = self.filter.lock().clone();
+        let ups = overlays(filter.as_ref().unwrap_or(&p.top));
         for o in &ups {
             rewrite_backing(o, name.as_deref(), Some(&fmt)).await?;
         }
@@ -191,7 +229,10 @@ impl JobDriver for Commit {
             Ok(()) => tx.commit().await,
             Err(e) => Err(e),
         };
-        if result.is_err() {
+        if result.is_ok() {
+            // The filter lost its last parent and was closed.
+            self.filter.lock().take();
+        } else {
             let old = p.top.driver().filename();
             let old_fmt = p.top.driver_name().to_string();
             for o in &ups {
@@ -201,8 +242,13 @@ impl JobDriver for Commit {
         result
     }
 
-    async fn clean(&self, _graph: &Graph) {
+    async fn clean(&self, graph: &Graph) {
         self.top_root.lock().take();
         self.base_root.lock().take();
+        let filter = self.filter.lock().take();
+        if let Some(f) = filter {
+            let w = graph.writer().await;
+            remove_filter(&w, &self.params.top, &f).await;
+        }
     }
 }

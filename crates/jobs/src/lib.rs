@@ -10,6 +10,7 @@
 pub mod chain;
 pub mod commit;
 pub mod events;
+pub mod filters;
 pub mod job;
 pub mod status;
 pub mod stream;

@@ -10,12 +10,11 @@
 //! nodes no one else uses are closed when it commits.
 
 use crate::chain::{base_overlay, intermediates};
+use crate::filters::{insert_filter, remove_filter};
 use crate::job::{ErrorAction, Job, JobDriver, JobManager, JobOptions};
 use async_trait::async_trait;
 use parking_lot::Mutex;
-use sluice_core::{
-    DriverStatus, Error, Graph, GraphWriter, Node, NodeSpec, Perm, PermPair, Result, Root,
-};
+use sluice_core::{DriverStatus, Error, Graph, Node, Perm, PermPair, Result, Root};
 use sluice_drivers::filter::copy_on_read::CopyOnReadDriver;
 use std::sync::Arc;
 
@@ -69,24 +68,13 @@ pub async fn start(jobs: &JobManager, opts: JobOptions, params: StreamParams) ->
         )));
     }
     let bottom = base_overlay(top, params.base.as_ref())?;
-    let filter = w
-        .add_node(NodeSpec {
-            name: params
-                .filter_node_name
-                .as_deref()
-                .map(sluice_core::NodeName::new)
-                .transpose()?,
-            driver: Box::new(CopyOnReadDriver::new(Some(bottom.name().to_string()))),
-            size: top.size(),
-            read_only: false,
-            children: vec![(sluice_core::Role::File, top.clone())],
-            implicit: params.filter_node_name.is_none(),
-        })
-        .await?;
-    {
-        let drained = w.drain(top).await;
-        w.insert_filter(&drained, top, &filter).await?;
-    }
+    let filter = insert_filter(
+        &w,
+        top,
+        Box::new(CopyOnReadDriver::new(Some(bottom.name().to_string()))),
+        params.filter_node_name.as_deref(),
+    )
+    .await?;
     let root = match w
         .add_root(
             "job",
@@ -116,23 +104,14 @@ pub async fn start(jobs: &JobManager, opts: JobOptions, params: StreamParams) ->
         Err(e) => {
             // The driver (and its root) is gone; take the filter out again.
             let w = jobs.graph().writer().await;
-            remove_filter(&w, &params_top(&filter), &filter).await;
+            remove_filter(
+                &w,
+                &filter.filtered_child().unwrap_or_else(|| filter.clone()),
+                &filter,
+            )
+            .await;
             Err(e)
         }
-    }
-}
-
-fn params_top(filter: &Arc<Node>) -> Arc<Node> {
-    filter.filtered_child().expect("the filter has its child")
-}
-
-async fn remove_filter(w: &GraphWriter<'_>, top: &Arc<Node>, filter: &Arc<Node>) {
-    let drained = w.drain(top).await;
-    if let Err(e) = w.drop_filter(&drained, filter).await {
-        tracing::warn!(
-            filter = filter.name(),
-            "could not drop the stream filter: {e}"
-        );
     }
 }
 
