@@ -1,4 +1,5 @@
-//! `block-commit` of an intermediate layer: copies what `top` and the
+//! `block-commit` of an intermediate layer (the active layer is committed
+//! by [`crate::mirror::start_active_commit`], which `start` hands it to): copies what `top` and the
 //! layers between it and `base` hold into `base`, then points top's
 //! overlays at `base` and drops the committed layers.
 //!
@@ -57,10 +58,9 @@ pub async fn start(jobs: &JobManager, opts: JobOptions, params: CommitParams) ->
     }
     intermediates(&params.top, Some(&params.base))?;
     if overlays(&params.top).is_empty() {
-        return Err(Error::Other(format!(
-            "'{}' is the active layer: commit it with an active commit",
-            params.top.name()
-        )));
+        // The active layer: committed by mirroring it into base.
+        drop(w);
+        return crate::mirror::start_active_commit(jobs, opts, &params.top, &params.base).await;
     }
     let base = skip_filters(&params.base);
     if base.is_read_only() {

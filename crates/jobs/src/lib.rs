@@ -4,7 +4,7 @@
 //! * [`job`] — [`Job`], [`JobManager`], [`JobTxn`], the [`JobDriver`]
 //!   trait every job kind implements; pauses, rate limits, error policy.
 //! * [`events`] — the bus carrying `JOB_STATUS_CHANGE`, `BLOCK_JOB_*`.
-//! * [`stream`], [`commit`] — the job kinds. Each ends with its graph
+//! * [`stream`], [`commit`], [`mirror`] (also active commit) — the job kinds. Each ends with its graph
 //!   change in `prepare`, inside a drained section, as one transaction.
 
 pub mod chain;
@@ -12,6 +12,7 @@ pub mod commit;
 pub mod events;
 pub mod filters;
 pub mod job;
+pub mod mirror;
 pub mod status;
 pub mod stream;
 

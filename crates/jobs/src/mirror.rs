@@ -1,0 +1,738 @@
+//! `blockdev-mirror` (and active `block-commit`, which is a mirror into
+//! the base): copy a disk to a target while the guest keeps writing, stay
+//! in sync once `ready`, and on `complete` put the target in the source's
+//! place in every parent.
+//!
+//! A `mirror_top` filter above the source sees every guest write. In
+//! `background` copy mode it marks the written granules dirty and the job
+//! copies them again; in `write-blocking` mode the write also goes to the
+//! target before it completes, serialised against the job's own copies of
+//! the same granules, so the target never falls behind once in sync.
+//!
+//! `prepare` drains the source (the guest is quiesced), copies what is
+//! still dirty, and — for `complete` — drops the filter and replaces the
+//! source by the target in one transaction. A soft cancel after `ready`
+//! leaves a consistent copy without the pivot.
+
+use crate::chain::{allocated_above, skip_filters};
+use crate::filters::{insert_filter, remove_filter};
+use crate::job::{ErrorAction, Job, JobDriver, JobManager, JobOptions};
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use sluice_core::{
+    BlockDriver, DriverStatus, Error, Graph, IoBuf, IoBytes, Node, Perm, PermPair, ReadBuf, Result,
+    Role, Root, WriteFlags, ZeroFlags,
+};
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::{Arc, Weak};
+use tokio::sync::Notify;
+
+/// QEMU's `MirrorSyncMode` for what is copied at the start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncMode {
+    /// The whole disk as the source shows it.
+    Full,
+    /// What the source's top layer (above `base`) holds.
+    Top,
+    /// Nothing at first: only what the guest writes from now on.
+    None,
+}
+
+impl SyncMode {
+    pub fn parse(s: &str) -> Result<SyncMode> {
+        match s {
+            "full" => Ok(SyncMode::Full),
+            "top" => Ok(SyncMode::Top),
+            "none" => Ok(SyncMode::None),
+            other => Err(Error::Other(format!(
+                "Parameter 'sync' does not accept value '{other}'"
+            ))),
+        }
+    }
+}
+
+/// QEMU's `MirrorCopyMode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CopyMode {
+    Background,
+    WriteBlocking,
+}
+
+impl CopyMode {
+    pub fn parse(s: &str) -> Result<CopyMode> {
+        match s {
+            "background" => Ok(CopyMode::Background),
+            "write-blocking" => Ok(CopyMode::WriteBlocking),
+            other => Err(Error::Other(format!(
+                "Parameter 'copy-mode' does not accept value '{other}'"
+            ))),
+        }
+    }
+}
+
+/// What `blockdev-mirror` asks for, with its nodes resolved.
+pub struct MirrorParams {
+    pub source: Arc<Node>,
+    pub target: Arc<Node>,
+    pub sync: SyncMode,
+    /// For `sync: top`: the layer below the copied ones (default: the
+    /// source's backing node).
+    pub base: Option<Arc<Node>>,
+    /// Dirty-tracking granule in bytes, a power of two from 512 B to 64 MiB.
+    pub granularity: u64,
+    /// Bytes copied per step (`buf-size`).
+    pub buf_size: u64,
+    pub copy_mode: CopyMode,
+    pub filter_node_name: Option<String>,
+}
+
+impl MirrorParams {
+    pub fn new(source: &Arc<Node>, target: &Arc<Node>, sync: SyncMode) -> MirrorParams {
+        MirrorParams {
+            source: source.clone(),
+            target: target.clone(),
+            sync,
+            base: None,
+            granularity: 64 << 10,
+            buf_size: 16 << 20,
+            copy_mode: CopyMode::Background,
+            filter_node_name: None,
+        }
+    }
+}
+
+/// Dirty granules of the source.
+struct DirtyBitmap {
+    granularity: u64,
+    size: u64,
+    words: Vec<u64>,
+}
+
+impl DirtyBitmap {
+    fn new(size: u64, granularity: u64) -> DirtyBitmap {
+        let bits = size.div_ceil(granularity);
+        DirtyBitmap {
+            granularity,
+            size,
+            words: vec![0; bits.div_ceil(64) as usize],
+        }
+    }
+
+    fn granules(&self, offset: u64, len: u64) -> std::ops::Range<u64> {
+        let end = (offset + len).min(self.size);
+        offset / self.granularity..end.div_ceil(self.granularity)
+    }
+
+    fn set(&mut self, offset: u64, len: u64) {
+        for g in self.granules(offset, len) {
+            self.words[(g / 64) as usize] |= 1 << (g % 64);
+        }
+    }
+
+    fn clear(&mut self, offset: u64, len: u64) {
+        for g in self.granules(offset, len) {
+            self.words[(g / 64) as usize] &= !(1 << (g % 64));
+        }
+    }
+
+    fn is_set(&self, g: u64) -> bool {
+        self.words[(g / 64) as usize] & (1 << (g % 64)) != 0
+    }
+
+    fn count_bytes(&self) -> u64 {
+        let n: u64 = self.words.iter().map(|w| w.count_ones() as u64).sum();
+        (n * self.granularity).min(self.size)
+    }
+
+    /// The first dirty run at or after `from` (wrapping), at most `max`
+    /// bytes long.
+    fn next_run(&self, from: u64, max: u64) -> Option<(u64, u64)> {
+        let total = self.size.div_ceil(self.granularity);
+        if total == 0 {
+            return None;
+        }
+        let start_g = (from / self.granularity) % total;
+        let first = (0..total)
+            .map(|i| (start_g + i) % total)
+            .find(|&g| self.is_set(g))?;
+        let max_g = (max / self.granularity).max(1);
+        let mut end = first + 1;
+        while end < total && end - first < max_g && self.is_set(end) {
+            end += 1;
+        }
+        let off = first * self.granularity;
+        let len = (end * self.granularity).min(self.size) - off;
+        Some((off, len))
+    }
+}
+
+/// Ranges being copied by the job or written through to the target by a
+/// write-blocking guest write: the two never overlap.
+#[derive(Default)]
+struct Busy {
+    ranges: Mutex<Vec<(u64, u64)>>,
+    freed: Notify,
+}
+
+struct BusyGuard<'a> {
+    busy: &'a Busy,
+    range: (u64, u64),
+}
+
+impl Busy {
+    async fn lock(&self, offset: u64, len: u64) -> BusyGuard<'_> {
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            {
+                let mut r = self.ranges.lock();
+                if !r.iter().any(|&(o, l)| o < offset + len && offset < o + l) {
+                    r.push((offset, len));
+                    return BusyGuard {
+                        busy: self,
+                        range: (offset, len),
+                    };
+                }
+            }
+            freed.await;
+        }
+    }
+}
+
+impl Drop for BusyGuard<'_> {
+    fn drop(&mut self) {
+        let mut r = self.busy.ranges.lock();
+        if let Some(i) = r.iter().position(|&x| x == self.range) {
+            r.swap_remove(i);
+        }
+        drop(r);
+        self.busy.freed.notify_waiters();
+    }
+}
+
+/// What the filter and the job share.
+struct Shared {
+    dirty: Mutex<DirtyBitmap>,
+    busy: Busy,
+    mode: CopyMode,
+    /// The job's root on the target, for write-blocking writes.
+    target: Mutex<Option<Arc<Root>>>,
+    job: Mutex<Weak<Job>>,
+    is_commit: bool,
+}
+
+impl Shared {
+    fn mark_dirty(&self, offset: u64, len: u64) {
+        self.dirty.lock().set(offset, len);
+        if let Some(job) = self.job.lock().upgrade() {
+            job.kick();
+        }
+    }
+
+    fn target(&self) -> Result<Arc<Root>> {
+        self.target
+            .lock()
+            .clone()
+            .ok_or_else(|| Error::Other("the mirror has no target any more".into()))
+    }
+}
+
+/// QEMU's `mirror_top`: the filter that sees every guest write.
+struct MirrorTop {
+    shared: Arc<Shared>,
+}
+
+impl MirrorTop {
+    /// Runs a guest write on the source, then keeps the target in step.
+    async fn guest_write<F>(&self, offset: u64, len: u64, on_target: bool, op: F) -> Result<()>
+    where
+        F: AsyncOp,
+    {
+        if self.shared.mode == CopyMode::WriteBlocking && on_target {
+            let _g = self.shared.busy.lock(offset, len).await;
+            op.on(&*op.source()?).await?;
+            match self.shared.target() {
+                Ok(t) => op.on_root(&t).await,
+                Err(_) => Ok(()),
+            }
+        } else {
+            let r = op.on(&*op.source()?).await;
+            self.shared.mark_dirty(offset, len);
+            r
+        }
+    }
+}
+
+/// One guest write, replayable on the source node and on the target root.
+#[async_trait]
+trait AsyncOp: Send + Sync {
+    fn source(&self) -> Result<Arc<Node>>;
+    async fn on(&self, node: &Node) -> Result<()>;
+    async fn on_root(&self, root: &Root) -> Result<()>;
+}
+
+struct WriteOp<'a> {
+    node: &'a Node,
+    offset: u64,
+    data: IoBytes,
+    flags: WriteFlags,
+}
+
+#[async_trait]
+impl AsyncOp for WriteOp<'_> {
+    fn source(&self) -> Result<Arc<Node>> {
+        self.node.required_child(Role::File)
+    }
+    async fn on(&self, node: &Node) -> Result<()> {
+        node.write(self.offset, self.data.clone(), self.flags).await
+    }
+    async fn on_root(&self, root: &Root) -> Result<()> {
+        root.write(self.offset, self.data.clone(), self.flags).await
+    }
+}
+
+struct ZeroOp<'a> {
+    node: &'a Node,
+    offset: u64,
+    len: u64,
+    flags: ZeroFlags,
+    discard: bool,
+}
+
+#[async_trait]
+impl AsyncOp for ZeroOp<'_> {
+    fn source(&self) -> Result<Arc<Node>> {
+        self.node.required_child(Role::File)
+    }
+    async fn on(&self, node: &Node) -> Result<()> {
+        if self.discard {
+            node.discard(self.offset, self.len).await
+        } else {
+            node.write_zeroes(self.offset, self.len, self.flags).await
+        }
+    }
+    async fn on_root(&self, root: &Root) -> Result<()> {
+        if self.discard {
+            root.discard(self.offset, self.len).await
+        } else {
+            root.write_zeroes(self.offset, self.len, self.flags).await
+        }
+    }
+}
+
+#[async_trait]
+impl BlockDriver for MirrorTop {
+    fn driver_name(&self) -> &'static str {
+        "mirror_top"
+    }
+
+    fn is_filter(&self) -> bool {
+        true
+    }
+
+    fn child_perm(&self, _role: Role, parents: PermPair, _writable: bool) -> PermPair {
+        if self.shared.is_commit {
+            // The job writes the base below: force-share writing down the
+            // chain (QEMU's mirror_top does the same for commit).
+            PermPair::new(
+                parents.perm & !Perm::CONSISTENT_READ,
+                parents.shared | Perm::WRITE,
+            )
+        } else {
+            parents
+        }
+    }
+
+    async fn read(&self, node: &Node, offset: u64, buf: ReadBuf<'_>) -> Result<()> {
+        node.required_child(Role::File)?.read(offset, buf).await
+    }
+
+    async fn write(
+        &self,
+        node: &Node,
+        offset: u64,
+        data: IoBytes,
+        flags: WriteFlags,
+    ) -> Result<()> {
+        let len = data.len() as u64;
+        let op = WriteOp {
+            node,
+            offset,
+            data,
+            flags,
+        };
+        self.guest_write(offset, len, !flags.copy_on_read, op).await
+    }
+
+    async fn write_zeroes(
+        &self,
+        node: &Node,
+        offset: u64,
+        len: u64,
+        flags: ZeroFlags,
+    ) -> Result<()> {
+        let op = ZeroOp {
+            node,
+            offset,
+            len,
+            flags,
+            discard: false,
+        };
+        self.guest_write(offset, len, true, op).await
+    }
+
+    async fn discard(&self, node: &Node, offset: u64, len: u64) -> Result<()> {
+        let op = ZeroOp {
+            node,
+            offset,
+            len,
+            flags: ZeroFlags::default(),
+            discard: true,
+        };
+        // A discarded range may read back as anything: recopy it.
+        self.shared.mark_dirty(offset, len);
+        self.guest_write(offset, len, false, op).await
+    }
+
+    async fn flush(&self, node: &Node) -> Result<()> {
+        node.required_child(Role::File)?.flush().await
+    }
+
+    async fn block_status(&self, _node: &Node, offset: u64, len: u64) -> Result<DriverStatus> {
+        Ok(DriverStatus::Passthrough {
+            len,
+            child: Role::File,
+            offset,
+        })
+    }
+}
+
+struct Mirror {
+    params: MirrorParams,
+    shared: Arc<Shared>,
+    filter: Mutex<Option<Arc<Node>>>,
+    source_root: Mutex<Option<Arc<Root>>>,
+    should_complete: AtomicBool,
+    job_type: &'static str,
+}
+
+/// Starts a mirror of `params.source` to `params.target`.
+pub async fn start(jobs: &JobManager, opts: JobOptions, params: MirrorParams) -> Result<Arc<Job>> {
+    start_as(jobs, opts, params, "mirror").await
+}
+
+/// Starts an active commit: `top` (the active layer) mirrored into `base`
+/// below it; `complete` puts base in top's place.
+pub async fn start_active_commit(
+    jobs: &JobManager,
+    opts: JobOptions,
+    top: &Arc<Node>,
+    base: &Arc<Node>,
+) -> Result<Arc<Job>> {
+    crate::chain::intermediates(top, Some(base))?;
+    let mut p = MirrorParams::new(top, base, SyncMode::Top);
+    p.base = Some(base.clone());
+    start_as(jobs, opts, p, "commit").await
+}
+
+async fn start_as(
+    jobs: &JobManager,
+    opts: JobOptions,
+    params: MirrorParams,
+    job_type: &'static str,
+) -> Result<Arc<Job>> {
+    let g = params.granularity;
+    if !(512..=64 << 20).contains(&g) || !g.is_power_of_two() {
+        return Err(Error::Other(
+            "Granularity must be a power of 2 between 512 and 64M".into(),
+        ));
+    }
+    let (source, target) = (&params.source, &params.target);
+    if Arc::ptr_eq(source, target) {
+        return Err(Error::Other("Can't mirror node into itself".into()));
+    }
+    let is_commit = job_type == "commit";
+    if !is_commit && source.size() != target.size() {
+        return Err(Error::Other(
+            "Source and target image have different sizes".into(),
+        ));
+    }
+    if is_commit && target.size() < source.size() {
+        return Err(Error::Other(format!(
+            "Top image '{}' is larger than base image '{}'",
+            source.name(),
+            target.name()
+        )));
+    }
+    let shared = Arc::new(Shared {
+        dirty: Mutex::new(DirtyBitmap::new(source.size(), g)),
+        busy: Busy::default(),
+        mode: params.copy_mode,
+        target: Mutex::new(None),
+        job: Mutex::new(Weak::new()),
+        is_commit,
+    });
+    let w = jobs.graph().writer().await;
+    let filter = insert_filter(
+        &w,
+        source,
+        Box::new(MirrorTop {
+            shared: shared.clone(),
+        }),
+        params.filter_node_name.as_deref(),
+    )
+    .await?;
+    let roots = async {
+        let s = w
+            .add_root(
+                "job",
+                &opts.id,
+                source,
+                PermPair::new(Perm::CONSISTENT_READ, Perm::ALL),
+            )
+            .await?;
+        let t = w
+            .add_root(
+                "job",
+                &opts.id,
+                target,
+                PermPair::new(Perm::WRITE | Perm::CONSISTENT_READ, Perm::ALL),
+            )
+            .await?;
+        Ok::<_, Error>((s, t))
+    }
+    .await;
+    let (source_root, target_root) = match roots {
+        Ok(r) => r,
+        Err(e) => {
+            remove_filter(&w, source, &filter).await;
+            return Err(e);
+        }
+    };
+    drop(w);
+    *shared.target.lock() = Some(Arc::new(target_root));
+    let source = source.clone();
+    let driver = Mirror {
+        params,
+        shared: shared.clone(),
+        filter: Mutex::new(Some(filter.clone())),
+        source_root: Mutex::new(Some(Arc::new(source_root))),
+        should_complete: AtomicBool::new(false),
+        job_type,
+    };
+    match jobs.create(opts, Box::new(driver), None) {
+        Ok(job) => {
+            *shared.job.lock() = Arc::downgrade(&job);
+            jobs.start(&job);
+            Ok(job)
+        }
+        Err(e) => {
+            shared.target.lock().take();
+            let w = jobs.graph().writer().await;
+            remove_filter(&w, &source, &filter).await;
+            Err(e)
+        }
+    }
+}
+
+impl Mirror {
+    /// Marks what the sync mode copies at the start.
+    async fn initial_dirty(&self, root: &Root) -> Result<()> {
+        let p = &self.params;
+        let size = p.source.size();
+        match p.sync {
+            SyncMode::None => {}
+            SyncMode::Full => self.shared.dirty.lock().set(0, size),
+            SyncMode::Top => {
+                let base = match &p.base {
+                    Some(b) => Some(b.clone()),
+                    None => skip_filters(&p.source).child(Role::Backing),
+                };
+                let mut off = 0;
+                while off < size {
+                    let (alloc, n) = {
+                        let _a = root.admit().await;
+                        allocated_above(&p.source, base.as_ref(), off, size - off).await?
+                    };
+                    if alloc {
+                        self.shared.dirty.lock().set(off, n);
+                    }
+                    off += n;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies one run from source to target: zeroes as zeroes.
+    async fn copy_run(
+        &self,
+        source: &Node,
+        target: &Root,
+        off: u64,
+        len: u64,
+    ) -> (bool, Result<()>) {
+        let st = match source.block_status(off, len).await {
+            Ok(s) => s,
+            Err(e) => return (true, Err(e)),
+        };
+        if let DriverStatus::Zero { len: zl, .. } = st {
+            if zl >= len {
+                return (
+                    false,
+                    target.write_zeroes(off, len, ZeroFlags::default()).await,
+                );
+            }
+        }
+        let mut buf = IoBuf::zeroed(len as usize);
+        if let Err(e) = source.read(off, buf.as_read_buf()).await {
+            return (true, Err(e));
+        }
+        (
+            false,
+            target.write(off, buf.freeze(), WriteFlags::default()).await,
+        )
+    }
+
+    /// Takes the next dirty run and copies it; `Ok(false)` when clean.
+    async fn copy_next(
+        &self,
+        job: &Job,
+        root: &Root,
+        target: &Root,
+        cursor: &mut u64,
+    ) -> Result<bool> {
+        let chunk = self.params.buf_size.clamp(self.params.granularity, 4 << 20);
+        let Some((off, len)) = self.shared.dirty.lock().next_run(*cursor, chunk) else {
+            return Ok(false);
+        };
+        let _busy = self.shared.busy.lock(off, len).await;
+        // Cleared before reading: a guest write from now on sets it again.
+        self.shared.dirty.lock().clear(off, len);
+        let (is_read, r) = {
+            let _a = root.admit().await;
+            self.copy_run(&self.params.source, target, off, len).await
+        };
+        match r {
+            Ok(()) => {
+                *cursor = off + len;
+                job.progress_update(len);
+                Ok(true)
+            }
+            Err(e) => {
+                self.shared.dirty.lock().set(off, len);
+                match job.error_action(is_read, &e) {
+                    ErrorAction::Stop | ErrorAction::Ignore => Ok(true),
+                    ErrorAction::Report => Err(e),
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl JobDriver for Mirror {
+    fn job_type(&self) -> &'static str {
+        self.job_type
+    }
+
+    async fn run(&self, job: &Arc<Job>) -> Result<()> {
+        let root = self
+            .source_root
+            .lock()
+            .clone()
+            .ok_or_else(|| Error::Other("the mirror has no source root".into()))?;
+        let target = self.shared.target()?;
+        self.initial_dirty(&root).await?;
+        let mut cursor = 0;
+        let mut ready = false;
+        loop {
+            if job.is_cancelled() {
+                return Ok(());
+            }
+            let remaining = self.shared.dirty.lock().count_bytes();
+            job.progress_set_remaining(remaining);
+            if remaining == 0 {
+                if !ready {
+                    job.transition_to_ready();
+                    ready = true;
+                }
+                if self.should_complete.load(SeqCst) || job.cancel_requested() {
+                    return Ok(());
+                }
+                // In sync: wait for a guest write, complete or cancel.
+                job.yield_until_kicked().await;
+                job.pause_point().await;
+                continue;
+            }
+            job.rate_limit(0).await;
+            if job.is_cancelled() {
+                return Ok(());
+            }
+            let before = job.progress().0;
+            self.copy_next(job, &root, &target, &mut cursor).await?;
+            let copied = job.progress().0 - before;
+            job.rate_limit(copied).await;
+        }
+    }
+
+    fn complete(&self, _job: &Job) -> Result<()> {
+        self.should_complete.store(true, SeqCst);
+        Ok(())
+    }
+
+    fn cancel(&self, job: &Job, force: bool) -> bool {
+        // A soft cancel of a job in sync finishes it without the pivot.
+        force || !job.status().is_ready()
+    }
+
+    async fn prepare(&self, graph: &Graph) -> Result<()> {
+        let p = &self.params;
+        self.source_root.lock().take();
+        let target = self.shared.target()?;
+        let w = graph.writer().await;
+        let drained = w.drain(&p.source).await;
+        // The guest is quiesced: whatever is still dirty is the last of it.
+        loop {
+            let next = self.shared.dirty.lock().next_run(0, 4 << 20);
+            let Some((off, len)) = next else { break };
+            self.shared.dirty.lock().clear(off, len);
+            if let (_, Err(e)) = self.copy_run(&p.source, &target, off, len).await {
+                self.shared.dirty.lock().set(off, len);
+                return Err(e);
+            }
+        }
+        target.flush().await?;
+        if !self.should_complete.load(SeqCst) {
+            return Ok(()); // a soft cancel: a consistent copy, no pivot
+        }
+        // The target's writer leaves before it takes the source's users.
+        self.shared.target.lock().take();
+        drop(target);
+        let filter = self.filter.lock().clone();
+        let mut tx = w.transaction();
+        let staged = (|| {
+            if let Some(f) = &filter {
+                tx.drop_filter(&drained, f)?;
+            }
+            tx.replace_node(&drained, &p.source, &p.target)
+        })();
+        match staged {
+            Ok(()) => tx.commit().await?,
+            Err(e) => return Err(e),
+        }
+        self.filter.lock().take();
+        Ok(())
+    }
+
+    async fn clean(&self, graph: &Graph) {
+        self.source_root.lock().take();
+        self.shared.target.lock().take();
+        let filter = self.filter.lock().take();
+        if let Some(f) = filter {
+            let w = graph.writer().await;
+            remove_filter(&w, &self.params.source, &f).await;
+        }
+    }
+}

@@ -1,0 +1,328 @@
+//! Mirror and active commit (after QEMU's iotests 041 and 040), with the
+//! guest writing against a model the whole time.
+
+mod common;
+#[path = "../../drivers/tests/common/mod.rs"]
+mod dcommon;
+
+use common::names;
+use dcommon::{add, fill, memory_chain, root_on, MIB};
+use parking_lot::Mutex;
+use rand::{rngs::SmallRng, Rng, SeedableRng};
+use serde_json::json;
+use sluice_core::{Graph, IoBytes, Node, PermPair, Root, WriteFlags};
+use sluice_jobs::mirror::{self, CopyMode, MirrorParams, SyncMode};
+use sluice_jobs::{JobManager, JobOptions, JobStatus};
+use std::sync::Arc;
+
+fn seed() -> u64 {
+    std::env::var("SLUICE_JOB_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random)
+}
+
+/// `count` seeded guest writes through `root`, mirrored in `model`.
+async fn guest_writes(root: &Root, model: &Mutex<Vec<u8>>, rng: &mut SmallRng, count: usize) {
+    for _ in 0..count {
+        let len = rng.gen_range(1..=8) * 4096;
+        let off = rng.gen_range(0..(MIB as usize - len) / 4096) * 4096;
+        let byte: u8 = rng.gen();
+        root.write(
+            off as u64,
+            IoBytes::copy_from(&vec![byte; len]),
+            WriteFlags::default(),
+        )
+        .await
+        .unwrap();
+        model.lock()[off..off + len].fill(byte);
+        tokio::task::yield_now().await;
+    }
+}
+
+async fn contents(graph: &Graph, node: &Arc<Node>) -> Vec<u8> {
+    let r = root_on(graph, "check", node, PermPair::reader_sharing_all())
+        .await
+        .unwrap();
+    r.read(0, node.size() as usize).await.unwrap().to_vec()
+}
+
+fn assert_same(got: &[u8], want: &[u8], what: &str, seed: u64) {
+    if let Some(i) = (0..want.len()).find(|&i| got[i] != want[i]) {
+        panic!(
+            "seed {seed}: {what}: byte {i} is {:#x}, the model says {:#x}",
+            got[i], want[i]
+        );
+    }
+}
+
+/// base (0x11 everywhere) ← top (0x22 in its second quarter), a guest on
+/// top, and an empty target.
+async fn setup(graph: &Graph) -> (Arc<Node>, Arc<Node>, Arc<Node>, Arc<Root>, Mutex<Vec<u8>>) {
+    let [base, top] = memory_chain(graph, ["base", "top"]).await;
+    fill(graph, &base, 0, MIB as usize, 0x11).await;
+    fill(graph, &top, 256 << 10, 256 << 10, 0x22).await;
+    let w = graph.writer().await;
+    let target = add(
+        &w,
+        json!({"driver": "memory", "node-name": "target", "size": MIB}),
+    )
+    .await;
+    drop(w);
+    let mut m = vec![0x11u8; MIB as usize];
+    m[256 << 10..512 << 10].fill(0x22);
+    let guest = Arc::new(
+        root_on(graph, "guest", &top, PermPair::writer())
+            .await
+            .unwrap(),
+    );
+    (base, top, target, guest, Mutex::new(m))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirror_full_ready_then_complete_while_writing() {
+    let seed = seed();
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let graph = Graph::new();
+    let (_base, top, target, guest, model) = setup(&graph).await;
+    let jobs = JobManager::new(graph.clone());
+    let mut rx = jobs.events().subscribe();
+    let job = mirror::start(
+        &jobs,
+        JobOptions::new("m"),
+        MirrorParams::new(&top, &target, SyncMode::Full),
+    )
+    .await
+    .unwrap();
+    guest_writes(&guest, &model, &mut rng, 32).await;
+    job.wait_for(|s| s == JobStatus::Ready).await;
+    guest_writes(&guest, &model, &mut rng, 32).await;
+    job.complete().unwrap();
+    assert_eq!(job.wait_concluded().await, None, "seed {seed}");
+    assert!(
+        Arc::ptr_eq(&guest.node(), &target),
+        "the guest now writes to the target"
+    );
+    assert!(graph
+        .nodes()
+        .iter()
+        .all(|n| n.driver_name() != "mirror_top"));
+    let want = model.lock().clone();
+    assert_same(
+        &guest.read(0, MIB as usize).await.unwrap(),
+        &want,
+        "guest view",
+        seed,
+    );
+    assert_same(&contents(&graph, &target).await, &want, "target", seed);
+    let n = names(&mut rx);
+    assert_eq!(
+        n,
+        [
+            "created",
+            "running",
+            "ready",
+            "BLOCK_JOB_READY",
+            "waiting",
+            "pending",
+            "BLOCK_JOB_COMPLETED",
+            "concluded",
+            "null"
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirror_cancel_after_ready_leaves_a_consistent_copy_unpivoted() {
+    let seed = seed();
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let graph = Graph::new();
+    let (_base, top, target, guest, model) = setup(&graph).await;
+    let jobs = JobManager::new(graph.clone());
+    let mut rx = jobs.events().subscribe();
+    let job = mirror::start(
+        &jobs,
+        JobOptions::new("m"),
+        MirrorParams::new(&top, &target, SyncMode::Full),
+    )
+    .await
+    .unwrap();
+    job.wait_for(|s| s == JobStatus::Ready).await;
+    guest_writes(&guest, &model, &mut rng, 48).await;
+    job.cancel(false).await.unwrap();
+    assert_eq!(
+        job.wait_concluded().await,
+        None,
+        "a soft cancel is a success"
+    );
+    assert!(Arc::ptr_eq(&guest.node(), &top), "no pivot");
+    let want = model.lock().clone();
+    assert_same(&contents(&graph, &target).await, &want, "target", seed);
+    let n = names(&mut rx);
+    assert!(
+        n.contains(&"BLOCK_JOB_COMPLETED".into()) && !n.contains(&"BLOCK_JOB_CANCELLED".into()),
+        "{n:?}"
+    );
+}
+
+/// With `write-blocking`, a guest write reaches the target before it
+/// completes, even while the job itself is paused. In `background` mode
+/// the same write waits for the job: the check tells the modes apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_blocking_mode_writes_through_to_the_target() {
+    for mode in [CopyMode::WriteBlocking, CopyMode::Background] {
+        let graph = Graph::new();
+        let (_base, top, target, guest, _model) = setup(&graph).await;
+        let jobs = JobManager::new(graph.clone());
+        let mut p = MirrorParams::new(&top, &target, SyncMode::Full);
+        p.copy_mode = mode;
+        let job = mirror::start(&jobs, JobOptions::new("m"), p).await.unwrap();
+        job.wait_for(|s| s == JobStatus::Ready).await;
+        job.pause().unwrap();
+        job.kick();
+        job.wait_for(|s| s == JobStatus::Standby).await;
+        guest
+            .write(
+                8192,
+                IoBytes::copy_from(&[0xEE; 4096]),
+                WriteFlags::default(),
+            )
+            .await
+            .unwrap();
+        let t = contents(&graph, &target).await;
+        let through = t[8192..12288].iter().all(|&b| b == 0xEE);
+        assert_eq!(through, mode == CopyMode::WriteBlocking, "{mode:?}");
+        job.resume().unwrap();
+        job.wait_for(|s| s == JobStatus::Ready).await;
+        job.complete().unwrap();
+        assert_eq!(job.wait_concluded().await, None);
+        assert!(contents(&graph, &target).await[8192..12288]
+            .iter()
+            .all(|&b| b == 0xEE));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirror_sync_top_onto_a_target_sharing_the_base() {
+    let graph = Graph::new();
+    let (_base, top, _t, guest, model) = setup(&graph).await;
+    let w = graph.writer().await;
+    let target = add(
+        &w,
+        json!({"driver": "memory", "node-name": "target2", "size": MIB, "backing": "base"}),
+    )
+    .await;
+    drop(w);
+    let jobs = JobManager::new(graph.clone());
+    let job = mirror::start(
+        &jobs,
+        JobOptions::new("m"),
+        MirrorParams::new(&top, &target, SyncMode::Top),
+    )
+    .await
+    .unwrap();
+    job.wait_for(|s| s == JobStatus::Ready).await;
+    guest
+        .write(
+            768 << 10,
+            IoBytes::copy_from(&[0x44; 4096]),
+            WriteFlags::default(),
+        )
+        .await
+        .unwrap();
+    model.lock()[768 << 10..(768 << 10) + 4096].fill(0x44);
+    job.complete().unwrap();
+    assert_eq!(job.wait_concluded().await, None);
+    assert!(Arc::ptr_eq(&guest.node(), &target));
+    let want = model.lock().clone();
+    assert_same(
+        &guest.read(0, MIB as usize).await.unwrap(),
+        &want,
+        "guest view",
+        0,
+    );
+    // Only top's layer and the new write were copied: base's part stays
+    // base's, unallocated in the target.
+    for (off, copied) in [
+        (0, false),
+        (256 << 10, true),
+        (768 << 10, true),
+        (900 << 10, false),
+    ] {
+        let st = target.block_status(off, 4096).await.unwrap();
+        let unalloc = matches!(st, sluice_core::DriverStatus::Unallocated { .. });
+        assert_eq!(!unalloc, copied, "offset {off}: {st:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirror_sync_none_copies_only_new_writes() {
+    let graph = Graph::new();
+    let (_base, top, target, guest, _model) = setup(&graph).await;
+    let jobs = JobManager::new(graph.clone());
+    let job = mirror::start(
+        &jobs,
+        JobOptions::new("m"),
+        MirrorParams::new(&top, &target, SyncMode::None),
+    )
+    .await
+    .unwrap();
+    job.wait_for(|s| s == JobStatus::Ready).await;
+    guest
+        .write(0, IoBytes::copy_from(&[0x77; 4096]), WriteFlags::default())
+        .await
+        .unwrap();
+    job.cancel(false).await.unwrap();
+    job.wait_concluded().await;
+    let t = contents(&graph, &target).await;
+    assert!(
+        t[..4096].iter().all(|&b| b == 0x77),
+        "the new write was copied"
+    );
+    assert!(
+        t[256 << 10..512 << 10].iter().all(|&b| b == 0),
+        "old data was not"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_commit_pivots_the_guest_onto_the_base() {
+    let seed = seed();
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let graph = Graph::new();
+    let [base, mid, top] = memory_chain(&graph, ["base", "mid", "top"]).await;
+    fill(&graph, &base, 0, MIB as usize, 0x11).await;
+    fill(&graph, &mid, 128 << 10, 256 << 10, 0x22).await;
+    fill(&graph, &top, 512 << 10, 128 << 10, 0x33).await;
+    let mut m = vec![0x11u8; MIB as usize];
+    m[128 << 10..384 << 10].fill(0x22);
+    m[512 << 10..640 << 10].fill(0x33);
+    let model = Mutex::new(m);
+    let guest = Arc::new(
+        root_on(&graph, "guest", &top, PermPair::writer())
+            .await
+            .unwrap(),
+    );
+    let jobs = JobManager::new(graph.clone());
+    let mut rx = jobs.events().subscribe();
+    let job = mirror::start_active_commit(&jobs, JobOptions::new("c"), &top, &base)
+        .await
+        .unwrap();
+    assert_eq!(job.job_type(), "commit");
+    guest_writes(&guest, &model, &mut rng, 16).await;
+    job.wait_for(|s| s == JobStatus::Ready).await;
+    guest_writes(&guest, &model, &mut rng, 16).await;
+    job.complete().unwrap();
+    assert_eq!(job.wait_concluded().await, None, "seed {seed}");
+    assert!(Arc::ptr_eq(&guest.node(), &base), "the guest now uses base");
+    let want = model.lock().clone();
+    assert_same(
+        &guest.read(0, MIB as usize).await.unwrap(),
+        &want,
+        "guest view",
+        seed,
+    );
+    let n = names(&mut rx);
+    assert!(n.contains(&"BLOCK_JOB_READY".into()) && n.contains(&"BLOCK_JOB_COMPLETED".into()));
+    drop(mid);
+}
