@@ -9,7 +9,7 @@
 //! else uses are closed when it commits.
 
 use crate::chain::{allocated_above, intermediates, skip_filters};
-use crate::filters::{insert_filter, remove_filter, CommitTop};
+use crate::filters::{insert_filter, remove_filter, CommitTop, JobFilter};
 use crate::job::{ErrorAction, Job, JobDriver, JobManager, JobOptions};
 use crate::stream::rewrite_backing;
 use async_trait::async_trait;
@@ -69,7 +69,7 @@ pub async fn start(jobs: &JobManager, opts: JobOptions, params: CommitParams) ->
             base.name()
         )));
     }
-    let filter = insert_filter(&w, &params.top, Box::new(CommitTop), None).await?;
+    let filter = insert_filter(&w, &params.top, Box::new(JobFilter(CommitTop)), None).await?;
     let roots = add_roots(&w, &opts.id, &params).await;
     let (top_root, base_root) = match roots {
         Ok(r) => r,

@@ -4,27 +4,81 @@
 use async_trait::async_trait;
 use sluice_core::{
     BlockDriver, DriverStatus, GraphWriter, IoBytes, Node, NodeName, NodeSpec, Perm, PermPair,
-    ReadBuf, Result, Role, WriteFlags, ZeroFlags,
+    ReadBuf, Result, Role, Root, WriteFlags, ZeroFlags,
 };
 use std::sync::Arc;
 
-/// QEMU's `commit_top`: a filter above the committed top that takes no
-/// permission on it and shares everything, so the layers below may be
-/// written by the job while the overlays above keep reading.
-pub struct CommitTop;
+/// A guest write arriving at a job's filter: data, zeroes or a discard.
+pub enum WriteKind {
+    Data(IoBytes, WriteFlags),
+    Zeroes(ZeroFlags),
+    Discard,
+}
+
+pub struct GuestWrite {
+    pub offset: u64,
+    pub len: u64,
+    pub kind: WriteKind,
+}
+
+impl GuestWrite {
+    /// Whether this is a copy-on-read copy-up (data unchanged).
+    pub fn is_copy_up(&self) -> bool {
+        matches!(&self.kind, WriteKind::Data(_, f) if f.copy_on_read)
+    }
+
+    /// Carries the write out on `node`.
+    pub async fn on_node(&self, node: &Node) -> Result<()> {
+        match &self.kind {
+            WriteKind::Data(d, f) => node.write(self.offset, d.clone(), *f).await,
+            WriteKind::Zeroes(f) => node.write_zeroes(self.offset, self.len, *f).await,
+            WriteKind::Discard => node.discard(self.offset, self.len).await,
+        }
+    }
+
+    /// Carries the write out through `root`.
+    pub async fn on_root(&self, root: &Root) -> Result<()> {
+        match &self.kind {
+            WriteKind::Data(d, f) => root.write(self.offset, d.clone(), *f).await,
+            WriteKind::Zeroes(f) => root.write_zeroes(self.offset, self.len, *f).await,
+            WriteKind::Discard => root.discard(self.offset, self.len).await,
+        }
+    }
+}
+
+/// What makes one job filter differ from another: its permissions on the
+/// node below and what it does around a guest write.
+#[async_trait]
+pub trait FilterHooks: Send + Sync + 'static {
+    fn driver_name(&self) -> &'static str;
+
+    /// Permissions on the filtered node, given the filter's users' needs.
+    fn child_perm(&self, parents: PermPair) -> PermPair {
+        parents
+    }
+
+    /// A guest write: by default it just goes down to `child`.
+    async fn write(&self, child: &Arc<Node>, w: GuestWrite) -> Result<()> {
+        w.on_node(child).await
+    }
+}
+
+/// A filter a job puts above a node: reads, flushes and block status pass
+/// through; writes go through the job's [`FilterHooks`].
+pub struct JobFilter<H>(pub H);
 
 #[async_trait]
-impl BlockDriver for CommitTop {
+impl<H: FilterHooks> BlockDriver for JobFilter<H> {
     fn driver_name(&self) -> &'static str {
-        "commit_top"
+        self.0.driver_name()
     }
 
     fn is_filter(&self) -> bool {
         true
     }
 
-    fn child_perm(&self, _role: Role, _parents: PermPair, _writable: bool) -> PermPair {
-        PermPair::new(Perm::empty(), Perm::ALL)
+    fn child_perm(&self, _role: Role, parents: PermPair, _writable: bool) -> PermPair {
+        self.0.child_perm(parents)
     }
 
     async fn read(&self, node: &Node, offset: u64, buf: ReadBuf<'_>) -> Result<()> {
@@ -38,9 +92,10 @@ impl BlockDriver for CommitTop {
         data: IoBytes,
         flags: WriteFlags,
     ) -> Result<()> {
-        node.required_child(Role::File)?
-            .write(offset, data, flags)
-            .await
+        let len = data.len() as u64;
+        let kind = WriteKind::Data(data, flags);
+        let child = node.required_child(Role::File)?;
+        self.0.write(&child, GuestWrite { offset, len, kind }).await
     }
 
     async fn write_zeroes(
@@ -50,13 +105,15 @@ impl BlockDriver for CommitTop {
         len: u64,
         flags: ZeroFlags,
     ) -> Result<()> {
-        node.required_child(Role::File)?
-            .write_zeroes(offset, len, flags)
-            .await
+        let kind = WriteKind::Zeroes(flags);
+        let child = node.required_child(Role::File)?;
+        self.0.write(&child, GuestWrite { offset, len, kind }).await
     }
 
     async fn discard(&self, node: &Node, offset: u64, len: u64) -> Result<()> {
-        node.required_child(Role::File)?.discard(offset, len).await
+        let kind = WriteKind::Discard;
+        let child = node.required_child(Role::File)?;
+        self.0.write(&child, GuestWrite { offset, len, kind }).await
     }
 
     async fn flush(&self, node: &Node) -> Result<()> {
@@ -69,6 +126,21 @@ impl BlockDriver for CommitTop {
             child: Role::File,
             offset,
         })
+    }
+}
+
+/// QEMU's `commit_top`: a filter above the committed top that takes no
+/// permission on it and shares everything, so the layers below may be
+/// written by the job while the overlays above keep reading.
+pub struct CommitTop;
+
+impl FilterHooks for CommitTop {
+    fn driver_name(&self) -> &'static str {
+        "commit_top"
+    }
+
+    fn child_perm(&self, _parents: PermPair) -> PermPair {
+        PermPair::new(Perm::empty(), Perm::ALL)
     }
 }
 

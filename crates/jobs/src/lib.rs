@@ -4,9 +4,12 @@
 //! * [`job`] — [`Job`], [`JobManager`], [`JobTxn`], the [`JobDriver`]
 //!   trait every job kind implements; pauses, rate limits, error policy.
 //! * [`events`] — the bus carrying `JOB_STATUS_CHANGE`, `BLOCK_JOB_*`.
-//! * [`stream`], [`commit`], [`mirror`] (also active commit) — the job kinds. Each ends with its graph
+//! * [`stream`], [`commit`], [`mirror`] (also active commit), [`backup`] —
+//!   the job kinds. Each ends with its graph
 //!   change in `prepare`, inside a drained section, as one transaction.
 
+pub mod backup;
+mod bitmap;
 pub mod chain;
 pub mod commit;
 pub mod events;

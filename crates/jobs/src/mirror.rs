@@ -14,18 +14,18 @@
 //! source by the target in one transaction. A soft cancel after `ready`
 //! leaves a consistent copy without the pivot.
 
+use crate::bitmap::{Busy, DirtyBitmap};
 use crate::chain::{allocated_above, skip_filters};
-use crate::filters::{insert_filter, remove_filter};
+use crate::filters::{insert_filter, remove_filter, FilterHooks, GuestWrite, JobFilter, WriteKind};
 use crate::job::{ErrorAction, Job, JobDriver, JobManager, JobOptions};
 use async_trait::async_trait;
 use parking_lot::Mutex;
 use sluice_core::{
-    BlockDriver, DriverStatus, Error, Graph, IoBuf, IoBytes, Node, Perm, PermPair, ReadBuf, Result,
-    Role, Root, WriteFlags, ZeroFlags,
+    DriverStatus, Error, Graph, IoBuf, Node, Perm, PermPair, Result, Role, Root, WriteFlags,
+    ZeroFlags,
 };
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::{Arc, Weak};
-use tokio::sync::Notify;
 
 /// QEMU's `MirrorSyncMode` for what is copied at the start.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -101,116 +101,6 @@ impl MirrorParams {
     }
 }
 
-/// Dirty granules of the source.
-struct DirtyBitmap {
-    granularity: u64,
-    size: u64,
-    words: Vec<u64>,
-}
-
-impl DirtyBitmap {
-    fn new(size: u64, granularity: u64) -> DirtyBitmap {
-        let bits = size.div_ceil(granularity);
-        DirtyBitmap {
-            granularity,
-            size,
-            words: vec![0; bits.div_ceil(64) as usize],
-        }
-    }
-
-    fn granules(&self, offset: u64, len: u64) -> std::ops::Range<u64> {
-        let end = (offset + len).min(self.size);
-        offset / self.granularity..end.div_ceil(self.granularity)
-    }
-
-    fn set(&mut self, offset: u64, len: u64) {
-        for g in self.granules(offset, len) {
-            self.words[(g / 64) as usize] |= 1 << (g % 64);
-        }
-    }
-
-    fn clear(&mut self, offset: u64, len: u64) {
-        for g in self.granules(offset, len) {
-            self.words[(g / 64) as usize] &= !(1 << (g % 64));
-        }
-    }
-
-    fn is_set(&self, g: u64) -> bool {
-        self.words[(g / 64) as usize] & (1 << (g % 64)) != 0
-    }
-
-    fn count_bytes(&self) -> u64 {
-        let n: u64 = self.words.iter().map(|w| w.count_ones() as u64).sum();
-        (n * self.granularity).min(self.size)
-    }
-
-    /// The first dirty run at or after `from` (wrapping), at most `max`
-    /// bytes long.
-    fn next_run(&self, from: u64, max: u64) -> Option<(u64, u64)> {
-        let total = self.size.div_ceil(self.granularity);
-        if total == 0 {
-            return None;
-        }
-        let start_g = (from / self.granularity) % total;
-        let first = (0..total)
-            .map(|i| (start_g + i) % total)
-            .find(|&g| self.is_set(g))?;
-        let max_g = (max / self.granularity).max(1);
-        let mut end = first + 1;
-        while end < total && end - first < max_g && self.is_set(end) {
-            end += 1;
-        }
-        let off = first * self.granularity;
-        let len = (end * self.granularity).min(self.size) - off;
-        Some((off, len))
-    }
-}
-
-/// Ranges being copied by the job or written through to the target by a
-/// write-blocking guest write: the two never overlap.
-#[derive(Default)]
-struct Busy {
-    ranges: Mutex<Vec<(u64, u64)>>,
-    freed: Notify,
-}
-
-struct BusyGuard<'a> {
-    busy: &'a Busy,
-    range: (u64, u64),
-}
-
-impl Busy {
-    async fn lock(&self, offset: u64, len: u64) -> BusyGuard<'_> {
-        loop {
-            let freed = self.freed.notified();
-            tokio::pin!(freed);
-            freed.as_mut().enable();
-            {
-                let mut r = self.ranges.lock();
-                if !r.iter().any(|&(o, l)| o < offset + len && offset < o + l) {
-                    r.push((offset, len));
-                    return BusyGuard {
-                        busy: self,
-                        range: (offset, len),
-                    };
-                }
-            }
-            freed.await;
-        }
-    }
-}
-
-impl Drop for BusyGuard<'_> {
-    fn drop(&mut self) {
-        let mut r = self.busy.ranges.lock();
-        if let Some(i) = r.iter().position(|&x| x == self.range) {
-            r.swap_remove(i);
-        }
-        drop(r);
-        self.busy.freed.notify_waiters();
-    }
-}
-
 /// What the filter and the job share.
 struct Shared {
     dirty: Mutex<DirtyBitmap>,
@@ -243,95 +133,13 @@ struct MirrorTop {
     shared: Arc<Shared>,
 }
 
-impl MirrorTop {
-    /// Runs a guest write on the source, then keeps the target in step.
-    async fn guest_write<F>(&self, offset: u64, len: u64, on_target: bool, op: F) -> Result<()>
-    where
-        F: AsyncOp,
-    {
-        if self.shared.mode == CopyMode::WriteBlocking && on_target {
-            let _g = self.shared.busy.lock(offset, len).await;
-            op.on(&*op.source()?).await?;
-            match self.shared.target() {
-                Ok(t) => op.on_root(&t).await,
-                Err(_) => Ok(()),
-            }
-        } else {
-            let r = op.on(&*op.source()?).await;
-            self.shared.mark_dirty(offset, len);
-            r
-        }
-    }
-}
-
-/// One guest write, replayable on the source node and on the target root.
 #[async_trait]
-trait AsyncOp: Send + Sync {
-    fn source(&self) -> Result<Arc<Node>>;
-    async fn on(&self, node: &Node) -> Result<()>;
-    async fn on_root(&self, root: &Root) -> Result<()>;
-}
-
-struct WriteOp<'a> {
-    node: &'a Node,
-    offset: u64,
-    data: IoBytes,
-    flags: WriteFlags,
-}
-
-#[async_trait]
-impl AsyncOp for WriteOp<'_> {
-    fn source(&self) -> Result<Arc<Node>> {
-        self.node.required_child(Role::File)
-    }
-    async fn on(&self, node: &Node) -> Result<()> {
-        node.write(self.offset, self.data.clone(), self.flags).await
-    }
-    async fn on_root(&self, root: &Root) -> Result<()> {
-        root.write(self.offset, self.data.clone(), self.flags).await
-    }
-}
-
-struct ZeroOp<'a> {
-    node: &'a Node,
-    offset: u64,
-    len: u64,
-    flags: ZeroFlags,
-    discard: bool,
-}
-
-#[async_trait]
-impl AsyncOp for ZeroOp<'_> {
-    fn source(&self) -> Result<Arc<Node>> {
-        self.node.required_child(Role::File)
-    }
-    async fn on(&self, node: &Node) -> Result<()> {
-        if self.discard {
-            node.discard(self.offset, self.len).await
-        } else {
-            node.write_zeroes(self.offset, self.len, self.flags).await
-        }
-    }
-    async fn on_root(&self, root: &Root) -> Result<()> {
-        if self.discard {
-            root.discard(self.offset, self.len).await
-        } else {
-            root.write_zeroes(self.offset, self.len, self.flags).await
-        }
-    }
-}
-
-#[async_trait]
-impl BlockDriver for MirrorTop {
+impl FilterHooks for MirrorTop {
     fn driver_name(&self) -> &'static str {
         "mirror_top"
     }
 
-    fn is_filter(&self) -> bool {
-        true
-    }
-
-    fn child_perm(&self, _role: Role, parents: PermPair, _writable: bool) -> PermPair {
+    fn child_perm(&self, parents: PermPair) -> PermPair {
         if self.shared.is_commit {
             // The job writes the base below: force-share writing down the
             // chain (QEMU's mirror_top does the same for commit).
@@ -344,67 +152,23 @@ impl BlockDriver for MirrorTop {
         }
     }
 
-    async fn read(&self, node: &Node, offset: u64, buf: ReadBuf<'_>) -> Result<()> {
-        node.required_child(Role::File)?.read(offset, buf).await
-    }
-
-    async fn write(
-        &self,
-        node: &Node,
-        offset: u64,
-        data: IoBytes,
-        flags: WriteFlags,
-    ) -> Result<()> {
-        let len = data.len() as u64;
-        let op = WriteOp {
-            node,
-            offset,
-            data,
-            flags,
-        };
-        self.guest_write(offset, len, !flags.copy_on_read, op).await
-    }
-
-    async fn write_zeroes(
-        &self,
-        node: &Node,
-        offset: u64,
-        len: u64,
-        flags: ZeroFlags,
-    ) -> Result<()> {
-        let op = ZeroOp {
-            node,
-            offset,
-            len,
-            flags,
-            discard: false,
-        };
-        self.guest_write(offset, len, true, op).await
-    }
-
-    async fn discard(&self, node: &Node, offset: u64, len: u64) -> Result<()> {
-        let op = ZeroOp {
-            node,
-            offset,
-            len,
-            flags: ZeroFlags::default(),
-            discard: true,
-        };
-        // A discarded range may read back as anything: recopy it.
-        self.shared.mark_dirty(offset, len);
-        self.guest_write(offset, len, false, op).await
-    }
-
-    async fn flush(&self, node: &Node) -> Result<()> {
-        node.required_child(Role::File)?.flush().await
-    }
-
-    async fn block_status(&self, _node: &Node, offset: u64, len: u64) -> Result<DriverStatus> {
-        Ok(DriverStatus::Passthrough {
-            len,
-            child: Role::File,
-            offset,
-        })
+    /// Runs a guest write on the source, then keeps the target in step.
+    async fn write(&self, child: &Arc<Node>, w: GuestWrite) -> Result<()> {
+        let through =
+            matches!(w.kind, WriteKind::Data(..) | WriteKind::Zeroes(_)) && !w.is_copy_up();
+        if self.shared.mode == CopyMode::WriteBlocking && through {
+            let _g = self.shared.busy.lock(w.offset, w.len).await;
+            w.on_node(child).await?;
+            match self.shared.target() {
+                Ok(t) => w.on_root(&t).await,
+                Err(_) => Ok(()), // completed: the target is the disk now
+            }
+        } else {
+            let r = w.on_node(child).await;
+            // A discarded range may read back as anything: recopy it too.
+            self.shared.mark_dirty(w.offset, w.len);
+            r
+        }
     }
 }
 
@@ -477,9 +241,9 @@ async fn start_as(
     let filter = insert_filter(
         &w,
         source,
-        Box::new(MirrorTop {
+        Box::new(JobFilter(MirrorTop {
             shared: shared.clone(),
-        }),
+        })),
         params.filter_node_name.as_deref(),
     )
     .await?;
