@@ -9,8 +9,8 @@
 use crate::cache::{Table, TableCache};
 use crate::compress;
 use crate::format::{
-    corrupt, fixed_header_len, peek_cluster_bits, snapshot_var_lens, Header, L2Entry, Layout,
-    Snapshot, L1_RESERVED, MAX_L1_BYTES, MAX_SNAPSHOTS_BYTES, OFFSET_MASK, SNAPSHOT_FIXED,
+    compat, corrupt, fixed_header_len, peek_cluster_bits, snapshot_var_lens, Header, L2Entry,
+    Layout, Snapshot, L1_RESERVED, MAX_L1_BYTES, MAX_SNAPSHOTS_BYTES, OFFSET_MASK, SNAPSHOT_FIXED,
 };
 use crate::options::Qcow2Options;
 use async_trait::async_trait;
@@ -40,7 +40,8 @@ pub enum Mapping {
 }
 
 pub struct Qcow2Driver {
-    header: Header,
+    /// Replaced by header rewrites and resizes.
+    header: crate::header_write::HeaderCell,
     layout: Layout,
     /// How errors name the image: the file's name, or its node's.
     name: String,
@@ -95,6 +96,29 @@ pub(crate) async fn read_clipped(file: &Node, offset: u64, buf: ReadBuf<'_>) -> 
     Ok(())
 }
 
+/// Reads and parses the header in the first cluster of `file`.
+pub(crate) async fn read_header(file: &Node, name: &str) -> Result<Header> {
+    let file_size = file.size();
+    // The fixed header first, then the whole first cluster.
+    let first_len = file_size.min(512);
+    let first = if first_len > 0 {
+        file.read_to_vec(0, first_len as usize).await?
+    } else {
+        IoBuf::zeroed(0)
+    };
+    let mut want = fixed_header_len(&first) as u64;
+    if let Some(bits) = peek_cluster_bits(&first) {
+        want = want.max(1 << bits);
+    }
+    let want = want.min(file_size);
+    let head = if want > first_len {
+        file.read_to_vec(0, want as usize).await?
+    } else {
+        first
+    };
+    Header::parse(&head, file_size, name)
+}
+
 pub(crate) fn decode_table(bytes: &[u8]) -> Table {
     bytes
         .chunks_exact(8)
@@ -109,25 +133,7 @@ impl Qcow2Driver {
     pub async fn open(file: &Arc<Node>, opts: &Qcow2Options, read_only: bool) -> Result<Self> {
         let filename = file.driver().filename();
         let name = filename.clone().unwrap_or_else(|| file.name().to_string());
-        let file_size = file.size();
-        // The fixed header first, then the whole first cluster.
-        let first_len = file_size.min(512);
-        let first = if first_len > 0 {
-            file.read_to_vec(0, first_len as usize).await?
-        } else {
-            IoBuf::zeroed(0)
-        };
-        let mut want = fixed_header_len(&first) as u64;
-        if let Some(bits) = peek_cluster_bits(&first) {
-            want = want.max(1 << bits);
-        }
-        let want = want.min(file_size);
-        let head = if want > first_len {
-            file.read_to_vec(0, want as usize).await?
-        } else {
-            first
-        };
-        let header = Header::parse(&head, file_size, &name)?;
+        let mut header = read_header(file, &name).await?;
         if header.is_corrupt() && !read_only {
             return Err(corrupt(
                 &name,
@@ -135,23 +141,30 @@ impl Qcow2Driver {
             ));
         }
         if header.is_dirty() && !read_only {
-            return Err(corrupt(
-                &name,
-                "the image is dirty (its refcounts may be inconsistent); opening it read/write needs a refcount rebuild, which sluice does not do yet: open it read-only or repair it with 'qemu-img check -r all'",
-            ));
+            // Refcounts may lag behind the tables (lazy refcounts and a
+            // crash): rebuilt before anything is written, as QEMU does.
+            crate::check::repair_dirty(file, &name).await?;
+            header = read_header(file, &name).await?;
         }
         let layout = Layout::of(&header);
         let l1_bytes = u64::from(header.l1_size) * 8;
         debug_assert!(l1_bytes <= MAX_L1_BYTES);
         let l1_raw = read_meta(file, header.l1_table_offset, l1_bytes, "L1 table", &name).await?;
         let l1: Vec<u64> = decode_table(&l1_raw).to_vec();
-        let snapshots = read_snapshots(file, &header, &name).await?;
+        let (snapshots, _) = read_snapshots(file, &header, &name, true).await?;
         let tables =
             opts.l2_cache_tables(header.size, header.cluster_size(), header.l2_entry_size())?;
         let writer = if read_only {
             None
         } else {
-            Some(crate::write::Writer::open(file, &header, &name, opts.refcount_cache_size).await?)
+            let lazy = header.version >= 3
+                && opts
+                    .lazy_refcounts
+                    .unwrap_or(header.compatible_features & compat::LAZY_REFCOUNTS != 0);
+            Some(
+                crate::write::Writer::open(file, &header, &name, opts.refcount_cache_size, lazy)
+                    .await?,
+            )
         };
         Ok(Qcow2Driver {
             layout,
@@ -162,12 +175,18 @@ impl Qcow2Driver {
             l2_epoch: std::sync::atomic::AtomicU64::new(0),
             snapshots,
             writer,
-            header,
+            header: crate::header_write::HeaderCell::new(header),
         })
     }
 
+    /// The current header (as last written by sluice, or as opened).
     pub fn header(&self) -> &Header {
-        &self.header
+        self.header.get()
+    }
+
+    /// Replaces the in-memory header after the one on disk changed.
+    pub(crate) fn set_header(&self, h: Header) {
+        self.header.set(h);
     }
 
     pub fn snapshots(&self) -> &[Snapshot] {
@@ -176,7 +195,7 @@ impl Qcow2Driver {
 
     /// The virtual disk size.
     pub fn size(&self) -> u64 {
-        self.header.size
+        self.header().size
     }
 
     /// How many L2 tables the cache may hold.
@@ -199,7 +218,7 @@ impl Qcow2Driver {
     }
 
     /// The node guest data lives in: the external data file, or the image.
-    fn data_node(&self, node: &Node) -> Result<Arc<Node>> {
+    pub(crate) fn data_node(&self, node: &Node) -> Result<Arc<Node>> {
         if self.layout.data_file {
             node.child(Role::Data).ok_or_else(|| {
                 corrupt(
@@ -319,7 +338,7 @@ impl Qcow2Driver {
     pub async fn map(&self, file: &Node, offset: u64, max_len: u64) -> Result<(Mapping, u64)> {
         let cb = self.layout.cluster_bits;
         let cs = 1u64 << cb;
-        let l2_bits = self.header.l2_bits();
+        let l2_bits = self.header().l2_bits();
         let l1_index = offset >> (cb + l2_bits);
         let table_end = (l1_index + 1) << (cb + l2_bits);
         let max_len = max_len.min(table_end - offset);
@@ -415,7 +434,7 @@ impl Qcow2Driver {
         let mut input = IoBuf::zeroed(len as usize);
         read_clipped(file, host, input.as_read_buf()).await?;
         let mut out = IoBuf::zeroed(cs as usize);
-        compress::decompress(self.header.compression_type, &input, &mut out).map_err(|e| {
+        compress::decompress(self.header().compression_type, &input, &mut out).map_err(|e| {
             corrupt(
                 &self.name,
                 format!(
@@ -433,26 +452,19 @@ impl Qcow2Driver {
             what: "writing through a qcow2 node opened read-only",
         }
     }
-
-    /// The writer, when writes to this image are supported.
-    fn writable(&self, node: &Node) -> Result<Option<&crate::write::Writer>> {
-        let Some(w) = &self.writer else {
-            return Ok(None);
-        };
-        if let Some(what) = w.refusal() {
-            return Err(Error::NotSupported {
-                node: node.name().to_string(),
-                driver: "qcow2",
-                what,
-            });
-        }
-        Ok(Some(w))
-    }
 }
 
 /// Reads and checks the snapshot table (kept as found; sluice lists
-/// snapshots but does not change them).
-async fn read_snapshots(file: &Node, h: &Header, name: &str) -> Result<Vec<Snapshot>> {
+/// snapshots but does not change them); also returns the table's length
+/// in bytes (what its clusters hold, for refcount checks). Without
+/// `strict`, a snapshot's L1 table is not checked (the image check
+/// reports it as QEMU does).
+pub(crate) async fn read_snapshots(
+    file: &Node,
+    h: &Header,
+    name: &str,
+    strict: bool,
+) -> Result<(Vec<Snapshot>, u64)> {
     let mut out = Vec::new();
     let mut at = h.snapshots_offset;
     let mut total = 0u64;
@@ -483,7 +495,7 @@ async fn read_snapshots(file: &Node, h: &Header, name: &str) -> Result<Vec<Snaps
         let unpadded = (SNAPSHOT_FIXED + extra + id + sname) as u64;
         let entry = read_meta(file, at, unpadded, "snapshot table entry", name).await?;
         let s = crate::format::parse_snapshot(&entry, name, at)?;
-        if !s.l1_table_offset.is_multiple_of(h.cluster_size()) {
+        if strict && !s.l1_table_offset.is_multiple_of(h.cluster_size()) {
             return Err(corrupt(
                 name,
                 format!(
@@ -492,7 +504,7 @@ async fn read_snapshots(file: &Node, h: &Header, name: &str) -> Result<Vec<Snaps
                 ),
             ));
         }
-        if u64::from(s.l1_size) * 8 > MAX_L1_BYTES {
+        if strict && u64::from(s.l1_size) * 8 > MAX_L1_BYTES {
             return Err(corrupt(
                 name,
                 format!(
@@ -504,7 +516,7 @@ async fn read_snapshots(file: &Node, h: &Header, name: &str) -> Result<Vec<Snaps
         out.push(s);
         at += entry_len as u64;
     }
-    Ok(out)
+    Ok((out, total))
 }
 
 #[async_trait]
@@ -565,7 +577,7 @@ impl BlockDriver for Qcow2Driver {
         data: IoBytes,
         flags: WriteFlags,
     ) -> Result<()> {
-        match self.writable(node)? {
+        match &self.writer {
             Some(w) => w.write(self, node, offset, data, flags).await,
             None => Err(self.writes_unsupported(node)),
         }
@@ -578,14 +590,14 @@ impl BlockDriver for Qcow2Driver {
         len: u64,
         flags: ZeroFlags,
     ) -> Result<()> {
-        match self.writable(node)? {
+        match &self.writer {
             Some(w) => w.write_zeroes(self, node, offset, len, flags).await,
             None => Err(self.writes_unsupported(node)),
         }
     }
 
     async fn discard(&self, node: &Node, offset: u64, len: u64) -> Result<()> {
-        match self.writable(node)? {
+        match &self.writer {
             Some(w) => w.discard(self, node, offset, len).await,
             None => Err(self.writes_unsupported(node)),
         }
@@ -596,11 +608,29 @@ impl BlockDriver for Qcow2Driver {
             return Ok(());
         }
         let file = self.file(node)?;
+        if self.layout.data_file {
+            self.data_node(node)?.flush().await?;
+        }
         match &self.writer {
-            // Dirty metadata is written back in order, then the file flushed.
-            Some(w) if w.refusal().is_none() => w.flush(self, &file).await,
+            // Dirty metadata is written back in order, then the file
+            // flushed; the flush of a closing node also clears the
+            // header's dirty bit (lazy refcounts).
+            Some(w) => w.flush(self, &file, node.is_closed()).await,
             _ => file.flush().await,
         }
+    }
+
+    async fn truncate(&self, node: &Node, size: u64, prealloc: &str) -> Result<()> {
+        crate::resize::truncate(self, node, size, prealloc).await
+    }
+
+    async fn change_backing_file(
+        &self,
+        node: &Node,
+        backing_file: Option<&str>,
+        backing_fmt: Option<&str>,
+    ) -> Result<()> {
+        crate::header_write::change_backing_file(self, node, backing_file, backing_fmt).await
     }
 
     async fn block_status(&self, node: &Node, offset: u64, len: u64) -> Result<DriverStatus> {

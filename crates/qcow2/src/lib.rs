@@ -11,10 +11,15 @@
 
 pub mod cache;
 pub mod chain;
+pub mod check;
 pub mod compress;
+pub mod compressed_write;
+pub mod create;
 pub mod driver;
 pub mod format;
+pub mod header_write;
 pub mod options;
+pub mod resize;
 pub mod write;
 
 pub use driver::{Mapping, Qcow2Driver};

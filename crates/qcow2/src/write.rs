@@ -28,18 +28,46 @@
 //!
 //! A write-back that fails leaves the tables dirty; a later one retries.
 //!
-//! New clusters are taken from the end of the file and freed clusters are
-//! not reused, so a crash can at worst leak clusters. Overwrites of
-//! clusters this image owns alone (the common case) write in place, with
-//! no lock. Allocating writes take the state lock only to map and
-//! allocate, and again to publish; their data is written in between,
-//! in parallel with other requests, while the guest clusters they
-//! allocate are marked in flight (other requests touching those wait).
-//! Writes with extended L2 entries and copy-on-read writes still hold
-//! the lock throughout.
+//! With lazy refcounts (`lazy_refcounts=on`), rule 2 keeps its flush
+//! (the data the entries point at is durable first: an entry pointing
+//! past the end of the file after a crash is beyond repair) but not the
+//! refcount write-back, as QEMU drops that dependency: the header's
+//! dirty bit is set (and flushed) before the first L2 change that
+//! publishes clusters whose refcounts are not durable; the bit is
+//! cleared when the node closes, after a full write-back. A crash leaves
+//! it set, and the next writable open rebuilds the refcounts first
+//! (`crate::check::repair_dirty`).
+//!
+//! Internal snapshots share clusters and L2 tables with the active
+//! layer (refcount above one, `COPIED` clear). A shared cluster is never
+//! written: the write goes to a new cluster and the old one loses a
+//! reference (rule 3). A shared L2 table is copied before it changes:
+//! the copy and its refcount are durable before the L1 entry points at
+//! it, and that L1 entry before the old table loses a reference.
+//!
+//! With an external data file, a guest cluster's data lives at the same
+//! offset in the data file (as QEMU maps it) and has no refcount; with
+//! `data_file_raw`, write-zeroes also zero the data file and discard
+//! does nothing, so the data file stays a raw image of the disk.
+//!
+//! New clusters are taken from free clusters inside the file (searched
+//! from a cursor, as QEMU does) or from its end. A freed cluster is
+//! reusable only once the L2 update that stopped using it is durable
+//! (rule 3) and no lock-free in-place write that may have mapped it is
+//! still running (`Ticket`s), so a crash can at worst leak clusters.
+//! Overwrites of clusters this image owns alone (the common case) write
+//! in place, with no lock. Allocating writes take the state lock only to
+//! map and allocate, and again to publish; their data is written in
+//! between, in parallel with other requests, while the guest clusters
+//! they allocate are marked in flight (other requests touching those
+//! wait). Writes with extended L2 entries and copy-on-read writes still
+//! hold the lock throughout. Reads take no lock: a read racing with a
+//! discard of the same range may see what a reused cluster holds next.
 
 use crate::driver::{read_clipped, read_meta, Qcow2Driver};
-use crate::format::{corrupt, Header, L2Entry, COPIED, OFFSET_MASK, ZERO_FLAG};
+use crate::format::{
+    autoclear, corrupt, incompat, Header, L2Entry, COPIED, OFFSET_MASK, ZERO_FLAG,
+};
 use sluice_core::{DebugEvent, Error, IoBuf, IoBytes, Node, Result, WriteFlags, ZeroFlags};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::Ordering::SeqCst;
@@ -64,11 +92,51 @@ struct Pending {
     old: L2Entry,
 }
 
+/// Epochs of the writes that reach host clusters without the state lock
+/// (in-place overwrites): a freed cluster is reused only once every
+/// such write that might have mapped it before it was freed is done, or
+/// a late write would land in another guest cluster's data.
+#[derive(Default)]
+struct Tickets {
+    current: u64,
+    /// Epoch → writes in flight that took their ticket in it.
+    live: std::collections::BTreeMap<u64, usize>,
+}
+
+/// One lock-free write's ticket, taken before it maps its clusters.
+struct Ticket {
+    tickets: Arc<parking_lot::Mutex<Tickets>>,
+    epoch: u64,
+}
+
+impl Ticket {
+    fn take(tickets: &Arc<parking_lot::Mutex<Tickets>>) -> Ticket {
+        let mut t = tickets.lock();
+        let epoch = t.current;
+        *t.live.entry(epoch).or_insert(0) += 1;
+        Ticket {
+            tickets: tickets.clone(),
+            epoch,
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut t = self.tickets.lock();
+        if let Some(n) = t.live.get_mut(&self.epoch) {
+            *n -= 1;
+            if *n == 0 {
+                t.live.remove(&self.epoch);
+            }
+        }
+    }
+}
+
 pub struct Writer {
     /// Whether the header's autoclear bits were dealt with (mirrors
     /// `State::header_done` for the lock-free path).
     prepared: std::sync::atomic::AtomicBool,
-    refusal: Option<&'static str>,
     state: tokio::sync::Mutex<State>,
     /// Guest clusters whose new cluster is being written outside the
     /// state lock and not yet published: nothing else changes their
@@ -76,6 +144,7 @@ pub struct Writer {
     inflight: parking_lot::Mutex<HashSet<u64>>,
     /// Woken whenever clusters leave `inflight`.
     settled: tokio::sync::Notify,
+    tickets: Arc<parking_lot::Mutex<Tickets>>,
 }
 
 /// Takes guest clusters out of [`Writer::inflight`] when dropped (also
@@ -129,16 +198,31 @@ struct State {
     /// Dirty L2 tables publish clusters whose refcounts (and data) must be
     /// durable before any dirty L2 table is written back.
     l2_depends: bool,
-    /// Where the next cluster is allocated: the end of the file.
+    /// The end of the file: where clusters are allocated when no freed
+    /// one is found.
     next_free: u64,
+    /// Where the search for a free cluster inside the file resumes
+    /// (QEMU's `free_cluster_index`): nothing below it is free, except
+    /// clusters freed since, which move it back.
+    free_cursor: u64,
+    /// Freed extents whose refcounts are not dropped yet: lock-free
+    /// in-place writes that may still target them are in flight.
+    quarantine: Vec<(u64, u64, u64)>,
+    /// The lock-free writers' tickets (shared with [`Writer`]).
+    tickets: Arc<parking_lot::Mutex<Tickets>>,
     /// Whether the header's autoclear bits were cleared already.
     header_done: bool,
     /// How many refcount blocks `blocks` may hold.
     max_blocks: usize,
+    /// Lazy refcounts: new clusters are published without waiting for
+    /// their refcounts, under the header's dirty bit.
+    lazy: bool,
+    /// Whether the header's dirty bit is set (by this writer).
+    dirty: bool,
 }
 
 /// The refcount at entry `idx` of a block with `1 << order`-bit entries.
-fn rc_get(block: &[u8], idx: u64, order: u32) -> u64 {
+pub(crate) fn rc_get(block: &[u8], idx: u64, order: u32) -> u64 {
     let w = 1u64 << order;
     if w >= 8 {
         let bytes = (w / 8) as usize;
@@ -154,7 +238,7 @@ fn rc_get(block: &[u8], idx: u64, order: u32) -> u64 {
 }
 
 /// Sets entry `idx`; returns the byte range that changed.
-fn rc_put(block: &mut [u8], idx: u64, order: u32, v: u64) -> (usize, usize) {
+pub(crate) fn rc_put(block: &mut [u8], idx: u64, order: u32, v: u64) -> (usize, usize) {
     let w = 1u64 << order;
     if w >= 8 {
         let bytes = (w / 8) as usize;
@@ -173,7 +257,7 @@ fn rc_put(block: &mut [u8], idx: u64, order: u32, v: u64) -> (usize, usize) {
     }
 }
 
-fn grow(file: &Node, end: u64) {
+pub(crate) fn grow(file: &Node, end: u64) {
     if end > file.size() {
         file.set_size(end);
     }
@@ -187,32 +271,23 @@ impl Writer {
         h: &Header,
         name: &str,
         refcount_cache: Option<u64>,
+        lazy: bool,
     ) -> Result<Writer> {
-        let refusal = if h.has_data_file() {
-            Some("writing to a qcow2 image with an external data file (not implemented yet)")
-        } else if h.nb_snapshots > 0 {
-            Some("writing to a qcow2 image with internal snapshots (not implemented yet)")
-        } else {
-            None
-        };
         let cs = h.cluster_size();
-        let reftable = if refusal.is_none() {
-            let bytes = u64::from(h.refcount_table_clusters) * cs;
-            let raw = read_meta(
-                file,
-                h.refcount_table_offset,
-                bytes,
-                "reference count table",
-                name,
-            )
-            .await?;
-            crate::driver::decode_table(&raw).to_vec()
-        } else {
-            Vec::new()
-        };
+        let bytes = u64::from(h.refcount_table_clusters) * cs;
+        let raw = read_meta(
+            file,
+            h.refcount_table_offset,
+            bytes,
+            "reference count table",
+            name,
+        )
+        .await?;
+        let reftable = crate::driver::decode_table(&raw).to_vec();
+        let tickets = Arc::new(parking_lot::Mutex::new(Tickets::default()));
         Ok(Writer {
+            tickets: tickets.clone(),
             prepared: std::sync::atomic::AtomicBool::new(false),
-            refusal,
             inflight: parking_lot::Mutex::new(HashSet::new()),
             settled: tokio::sync::Notify::new(),
             state: tokio::sync::Mutex::new(State {
@@ -222,8 +297,13 @@ impl Writer {
                 dirty_blocks: BTreeSet::new(),
                 l2_depends: false,
                 next_free: file.size().div_ceil(cs) * cs,
+                free_cursor: 0,
+                quarantine: Vec::new(),
+                tickets,
                 header_done: false,
                 max_blocks: (refcount_cache.unwrap_or(DEFAULT_REFCOUNT_CACHE) / cs).max(2) as usize,
+                lazy,
+                dirty: h.is_dirty(),
             }),
         })
     }
@@ -250,11 +330,6 @@ impl Writer {
             drop(st);
             settled.await;
         }
-    }
-
-    /// Why writes to this image are refused, if they are.
-    pub fn refusal(&self) -> Option<&'static str> {
-        self.refusal
     }
 
     fn rb_bits(d: &Qcow2Driver) -> u32 {
@@ -429,6 +504,10 @@ impl Writer {
         let old = (st.rt_offset, st.reftable.len() as u64 * 8);
         st.reftable = table;
         st.rt_offset = t;
+        let mut h = d.header().clone();
+        h.refcount_table_offset = t;
+        h.refcount_table_clusters = ntc as u32;
+        d.set_header(h);
         for (boff, block) in blocks {
             Self::block_room(d, file, st).await?;
             st.blocks.insert(boff, block);
@@ -513,7 +592,10 @@ impl Writer {
     async fn write_back(d: &Qcow2Driver, file: &Node, st: &mut State, sync: bool) -> Result<()> {
         let tables = d.l2_cache.dirty_tables();
         if !tables.is_empty() && st.l2_depends {
-            Self::write_refblocks(d, file, st).await?;
+            // Lazy refcounts: the data first, the refcounts may lag.
+            if !st.lazy {
+                Self::write_refblocks(d, file, st).await?;
+            }
             file.flush().await?;
             st.l2_depends = false;
         }
@@ -536,10 +618,55 @@ impl Writer {
         Ok(())
     }
 
-    /// Writes back every dirty table and flushes the file (a guest flush).
-    pub async fn flush(&self, d: &Qcow2Driver, file: &Node) -> Result<()> {
+    /// Writes back every dirty table and flushes the file (a guest flush);
+    /// when `closing`, then clears the header's dirty bit: the refcounts
+    /// on disk are exact again.
+    pub async fn flush(&self, d: &Qcow2Driver, file: &Node, closing: bool) -> Result<()> {
         let mut st = self.state.lock().await;
-        Self::write_back(d, file, &mut st, true).await
+        // Freed clusters still quarantined would otherwise stay counted
+        // (leak) when no allocation follows; at close none is in flight.
+        Self::release_quarantine(d, file, &mut st).await?;
+        Self::write_back(d, file, &mut st, true).await?;
+        if closing && st.dirty {
+            Self::set_dirty_bit(d, file, &mut st, false).await?;
+        }
+        Ok(())
+    }
+
+    /// Sets or clears the header's dirty bit, durably (QEMU's
+    /// `qcow2_mark_dirty` / `qcow2_mark_clean`).
+    async fn set_dirty_bit(d: &Qcow2Driver, file: &Node, st: &mut State, on: bool) -> Result<()> {
+        let mut h = d.header().clone();
+        if on {
+            h.incompatible_features |= incompat::DIRTY;
+        } else {
+            h.incompatible_features &= !incompat::DIRTY;
+        }
+        file.write(
+            72,
+            IoBytes::copy_from(&h.incompatible_features.to_be_bytes()),
+            WriteFlags::default(),
+        )
+        .await?;
+        file.flush().await?;
+        d.set_header(h);
+        st.dirty = on;
+        Ok(())
+    }
+
+    /// Dirty L2 tables now publish clusters (or subclusters) whose
+    /// refcounts and data are not yet durable: no L2 table is written
+    /// back before those are. With lazy refcounts the refcounts may lag
+    /// (the image is marked dirty first: a crash then means a refcount
+    /// rebuild at the next writable open); the data may not, or a crash
+    /// could leave entries pointing past the end of the file, which no
+    /// repair can mend.
+    async fn l2_depends_on_refcounts(d: &Qcow2Driver, file: &Node, st: &mut State) -> Result<()> {
+        if st.lazy && !st.dirty {
+            Self::set_dirty_bit(d, file, st, true).await?;
+        }
+        st.l2_depends = true;
+        Ok(())
     }
 
     /// Writes L2 tables back when more are dirty than the cache holds
@@ -551,10 +678,29 @@ impl Writer {
         Ok(())
     }
 
-    /// Allocates one cluster (refcount 1) at the end of the file.
+    /// Allocates one cluster (refcount 1): a free one inside the file,
+    /// searched from the cursor on (QEMU's `alloc_clusters_noref`), or
+    /// one at the end of the file.
     async fn alloc(d: &Qcow2Driver, file: &Node, st: &mut State) -> Result<u64> {
         let cs = d.header().cluster_size();
         file.debug_event(DebugEvent::ClusterAlloc).await;
+        Self::release_quarantine(d, file, st).await?;
+        // A range without a refcount block has nothing to reuse (a new
+        // block only goes at the end of the file).
+        let block_span = 1u64 << (d.header().cluster_bits + Self::rb_bits(d));
+        while st.free_cursor < st.next_free {
+            let c = st.free_cursor;
+            let (bi, _) = Self::rc_pos(d, c);
+            if st.reftable.get(bi).copied().unwrap_or(0) & OFFSET_MASK == 0 {
+                st.free_cursor = (c / block_span + 1) * block_span;
+                continue;
+            }
+            st.free_cursor = c + cs;
+            if Self::refcount(d, file, st, c).await? == 0 {
+                Self::set_refcount(d, file, st, c, 1).await?;
+                return Ok(c);
+            }
+        }
         loop {
             let off = st.next_free;
             Self::ensure_block(d, file, st, off).await?;
@@ -567,8 +713,87 @@ impl Writer {
             }
             Self::set_refcount(d, file, st, off, 1).await?;
             st.next_free = off + cs;
+            st.free_cursor = st.next_free;
             return Ok(off);
         }
+    }
+
+    /// The host cluster for new data of the guest cluster `guest`: in an
+    /// external data file the guest offset itself (as QEMU maps them;
+    /// such clusters have no refcounts), else a newly allocated cluster.
+    async fn alloc_data(
+        d: &Qcow2Driver,
+        file: &Node,
+        dnode: &Node,
+        st: &mut State,
+        guest: u64,
+    ) -> Result<u64> {
+        let host = if d.layout().data_file {
+            guest
+        } else {
+            Self::alloc(d, file, st).await?
+        };
+        grow(dnode, host + d.header().cluster_size());
+        Ok(host)
+    }
+
+    /// Whether the external data file is kept a raw image of the disk.
+    fn data_file_raw(d: &Qcow2Driver) -> bool {
+        d.layout().data_file && d.header().autoclear_features & autoclear::DATA_FILE_RAW != 0
+    }
+
+    /// Flushes the external data file, if there is one (FUA writes).
+    async fn flush_data(d: &Qcow2Driver, node: &Node) -> Result<()> {
+        if d.layout().data_file {
+            d.data_node(node)?.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Drops the refcounts of quarantined extents that no lock-free
+    /// write can still reach.
+    async fn release_quarantine(d: &Qcow2Driver, file: &Node, st: &mut State) -> Result<()> {
+        if st.quarantine.is_empty() {
+            return Ok(());
+        }
+        let oldest = st.tickets.lock().live.keys().next().copied();
+        let (ready, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut st.quarantine)
+            .into_iter()
+            .partition(|&(_, _, tag)| oldest.is_none_or(|o| tag < o));
+        st.quarantine = wait;
+        for (host, len, _) in ready {
+            Self::drop_refs(d, file, st, host, len).await?;
+        }
+        Ok(())
+    }
+
+    /// Drops one reference to every cluster of `[host, host + len)`.
+    async fn drop_refs(
+        d: &Qcow2Driver,
+        file: &Node,
+        st: &mut State,
+        host: u64,
+        len: u64,
+    ) -> Result<()> {
+        let cb = d.header().cluster_bits;
+        let first = host >> cb;
+        let last = (host + len.max(1) - 1) >> cb;
+        for c in first..=last {
+            let off = c << cb;
+            let rc = Self::refcount(d, file, st, off).await?;
+            if rc == 0 {
+                return Err(corrupt(
+                    d.name(),
+                    format!("freeing cluster {off:#x}, whose refcount is already 0"),
+                ));
+            }
+            file.debug_event(DebugEvent::ClusterFree).await;
+            Self::set_refcount(d, file, st, off, rc - 1).await?;
+            if rc == 1 && off < st.free_cursor {
+                st.free_cursor = off;
+            }
+        }
+        Ok(())
     }
 
     /// Drops one reference to every cluster of `[host, host + len)`, after
@@ -584,24 +809,17 @@ impl Writer {
         }
         // The entries that used the clusters are durably gone first.
         Self::write_back(d, file, st, true).await?;
-        let cb = d.header().cluster_bits;
+        // Lock-free writes that took their ticket before now may still
+        // target these clusters: they stay referenced until those end.
+        let tag = {
+            let mut t = st.tickets.lock();
+            t.current += 1;
+            t.current - 1
+        };
         for (host, len) in to_free {
-            let first = host >> cb;
-            let last = (host + len.max(1) - 1) >> cb;
-            for c in first..=last {
-                let off = c << cb;
-                let rc = Self::refcount(d, file, st, off).await?;
-                if rc == 0 {
-                    return Err(corrupt(
-                        d.name(),
-                        format!("freeing cluster {off:#x}, whose refcount is already 0"),
-                    ));
-                }
-                file.debug_event(DebugEvent::ClusterFree).await;
-                Self::set_refcount(d, file, st, off, rc - 1).await?;
-            }
+            st.quarantine.push((host, len, tag));
         }
-        Ok(())
+        Self::release_quarantine(d, file, st).await
     }
 
     /// Clears autoclear bits before the first change (bitmaps and other
@@ -611,10 +829,19 @@ impl Writer {
         if st.header_done {
             return Ok(());
         }
-        if d.header().version >= 3 && d.header().autoclear_features != 0 {
-            file.write(88, IoBytes::copy_from(&[0u8; 8]), WriteFlags::default())
-                .await?;
+        // The raw data file bit stays: writes keep the data file raw.
+        let keep = d.header().autoclear_features & autoclear::DATA_FILE_RAW;
+        if d.header().version >= 3 && d.header().autoclear_features != keep {
+            file.write(
+                88,
+                IoBytes::copy_from(&keep.to_be_bytes()),
+                WriteFlags::default(),
+            )
+            .await?;
             file.flush().await?;
+            let mut h = d.header().clone();
+            h.autoclear_features = keep;
+            d.set_header(h);
         }
         st.header_done = true;
         Ok(())
@@ -694,14 +921,21 @@ impl Writer {
         }
         if old != 0 {
             if l1e & COPIED == 0 {
-                // Only an L2 table this image alone uses may change in place.
-                if Self::refcount(d, file, st, old).await? != 1 {
-                    return Err(Error::Other(format!(
-                        "{}: L2 table {old:#x} is shared; copying shared tables is not implemented yet",
-                        d.name()
-                    )));
+                // Only an L2 table this image alone uses may change in
+                // place; one shared with a snapshot is copied first.
+                match Self::refcount(d, file, st, old).await? {
+                    0 => {
+                        return Err(corrupt(
+                            d.name(),
+                            format!("L2 table {old:#x} (L1 index {l1_idx:#x}) has refcount 0"),
+                        ))
+                    }
+                    1 => Self::set_l1_entry(d, file, l1_idx, old | COPIED).await?,
+                    rc => {
+                        let new = Self::copy_l2(d, file, st, l1_idx, old, rc).await?;
+                        return Ok((new, idx));
+                    }
                 }
-                Self::set_l1_entry(d, file, l1_idx, old | COPIED).await?;
             }
             return Ok((old, idx));
         }
@@ -724,6 +958,43 @@ impl Writer {
             .insert_written(new, std::sync::Arc::from(vec![0u64; words]));
         Self::set_l1_entry(d, file, l1_idx, new | COPIED).await?;
         Ok((new, idx))
+    }
+
+    /// Copies the L2 table at `old` (referenced `rc` times: shared with
+    /// snapshots) for the active L1 entry `l1_idx` alone (QEMU's COW of
+    /// L2 tables). The copy and its refcount are durable before the L1
+    /// entry points at it, and the L1 entry before the old table loses
+    /// its reference. Clusters the copy maps stay shared: the number of
+    /// tables mapping them does not change, and their COPIED flags stay
+    /// clear.
+    async fn copy_l2(
+        d: &Qcow2Driver,
+        file: &Node,
+        st: &mut State,
+        l1_idx: usize,
+        old: u64,
+        rc: u64,
+    ) -> Result<u64> {
+        let cs = d.header().cluster_size();
+        let step = if d.layout().extended_l2 { 2 } else { 1 };
+        let mut copy = d.l2_table(file, old).await?.to_vec();
+        for w in copy.iter_mut().step_by(step) {
+            *w &= !COPIED;
+        }
+        let new = Self::alloc(d, file, st).await?;
+        file.debug_event(DebugEvent::L2AllocWrite).await;
+        grow(file, new + cs);
+        let raw: Vec<u8> = copy.iter().flat_map(|w| w.to_be_bytes()).collect();
+        file.write(new, IoBytes::copy_from(&raw), WriteFlags::default())
+            .await?;
+        Self::write_refblocks(d, file, st).await?;
+        file.flush().await?;
+        d.l2_epoch.fetch_add(1, SeqCst);
+        d.l2_cache.insert_written(new, std::sync::Arc::from(copy));
+        Self::set_l1_entry(d, file, l1_idx, new | COPIED).await?;
+        file.flush().await?;
+        Self::set_refcount(d, file, st, old, rc - 1).await?;
+        Ok(new)
     }
 
     async fn set_l1_entry(d: &Qcow2Driver, file: &Node, l1_idx: usize, val: u64) -> Result<()> {
@@ -771,7 +1042,7 @@ impl Writer {
             )
             .await;
         }
-        let cs = d.header().cluster_size();
+        let dnode = d.data_node(node)?;
         let (l2_off, idx) = Self::l2_for_write(d, file, st, guest).await?;
         let word = d.l2_table(file, l2_off).await?[idx];
         let entry = Self::decode(d, word, guest)?;
@@ -781,17 +1052,18 @@ impl Writer {
         if let L2Entry::Normal { host } = entry {
             if word & COPIED != 0 {
                 file.debug_event(DebugEvent::WriteAio).await;
-                return file
+                return dnode
                     .write(host + within as u64, bytes, WriteFlags::default())
                     .await;
             }
         }
         // A new cluster: what the cluster showed, with the new bytes over it.
         let buf = Self::cow_buffer(d, node, file, guest, entry, within, &bytes).await?;
-        let new = Self::alloc(d, file, st).await?;
-        grow(file, new + cs);
+        let new = Self::alloc_data(d, file, &dnode, st, guest).await?;
         file.debug_event(DebugEvent::CowWrite).await;
-        file.write(new, buf.freeze(), WriteFlags::default()).await?;
+        dnode
+            .write(new, buf.freeze(), WriteFlags::default())
+            .await?;
         pending.push(Pending {
             l2_off,
             idx,
@@ -819,7 +1091,7 @@ impl Writer {
             match entry {
                 L2Entry::Normal { host } => {
                     file.debug_event(DebugEvent::CowRead).await;
-                    read_clipped(file, host, buf.as_read_buf()).await?;
+                    read_clipped(&*d.data_node(node)?, host, buf.as_read_buf()).await?;
                 }
                 L2Entry::Compressed { host, len } => {
                     buf = d.read_compressed(file, host, len, guest).await?;
@@ -856,6 +1128,7 @@ impl Writer {
         let sc_bits = d.header().cluster_bits - 5;
         let scs = 1usize << sc_bits;
         let n = bytes.len();
+        let dnode = d.data_node(node)?;
         let (l2_off, idx) = Self::l2_for_write(d, file, st, guest).await?;
         let t = d.l2_table(file, l2_off).await?;
         let (word, bitmap) = (t[2 * idx], t[2 * idx + 1]);
@@ -874,10 +1147,11 @@ impl Writer {
         if let L2Entry::Compressed { host, len } = entry {
             let mut buf = d.read_compressed(file, host, len, guest).await?;
             buf[within..within + n].copy_from_slice(&bytes);
-            let new = Self::alloc(d, file, st).await?;
-            grow(file, new + cs as u64);
+            let new = Self::alloc_data(d, file, &dnode, st, guest).await?;
             file.debug_event(DebugEvent::CowWrite).await;
-            file.write(new, buf.freeze(), WriteFlags::default()).await?;
+            dnode
+                .write(new, buf.freeze(), WriteFlags::default())
+                .await?;
             pending.push(Pending {
                 l2_off,
                 idx,
@@ -888,25 +1162,22 @@ impl Writer {
             return Ok(());
         }
         let host = match entry {
-            L2Entry::Normal { host } if word & COPIED != 0 => Some(host),
-            L2Entry::Normal { .. } => {
-                return Err(Error::Other(format!(
-                    "{}: cluster at guest offset {guest:#x} is shared; copying shared clusters is not implemented yet",
-                    d.name()
-                )))
-            }
+            L2Entry::Normal { host } => Some(host),
             _ => None,
         };
+        // A cluster shared with a snapshot is never written: the write
+        // goes to a copy of it.
+        let shared = host.is_some() && word & COPIED == 0;
         if host.is_none() && alloc != 0 {
             return Err(corrupt(
                 d.name(),
                 format!("subclusters allocated at guest offset {guest:#x} in a cluster without a host offset"),
             ));
         }
-        if let Some(h) = host {
+        if let Some(h) = host.filter(|_| !shared) {
             if alloc & mask == mask {
                 file.debug_event(DebugEvent::WriteAio).await;
-                return file
+                return dnode
                     .write(h + within as u64, bytes, WriteFlags::default())
                     .await;
             }
@@ -928,7 +1199,7 @@ impl Writer {
             }
             let dst = buf.as_read_buf().slice(s0 - rs..s1 - rs);
             if (alloc >> sc) & 1 == 1 {
-                read_clipped(file, host.expect("checked") + s0 as u64, dst).await?;
+                read_clipped(&dnode, host.expect("checked") + s0 as u64, dst).await?;
             } else if (zero >> sc) & 1 == 0 {
                 let g = guest + s0 as u64;
                 let visible = (scs as u64).min(node.size().saturating_sub(g)) as usize;
@@ -941,22 +1212,41 @@ impl Writer {
         buf[within - rs..within - rs + n].copy_from_slice(&bytes);
         let new_bitmap = u64::from(alloc | mask) | (u64::from(zero & !mask) << 32);
         match host {
+            Some(h) if shared => {
+                let new = Self::alloc_data(d, file, &dnode, st, guest).await?;
+                let mut full = IoBuf::zeroed(cs);
+                file.debug_event(DebugEvent::CowRead).await;
+                read_clipped(&dnode, h, full.as_read_buf()).await?;
+                full[rs..re].copy_from_slice(&buf);
+                file.debug_event(DebugEvent::CowWrite).await;
+                dnode
+                    .write(new, full.freeze(), WriteFlags::default())
+                    .await?;
+                pending.push(Pending {
+                    l2_off,
+                    idx,
+                    entry: new | COPIED,
+                    bitmap: Some(new_bitmap),
+                    old: entry,
+                });
+            }
             Some(h) => {
                 file.debug_event(DebugEvent::WriteAio).await;
-                file.write(h + rs as u64, buf.freeze(), WriteFlags::default())
+                dnode
+                    .write(h + rs as u64, buf.freeze(), WriteFlags::default())
                     .await?;
                 // The bitmap exposes the data just written: it waits for
                 // a flush like a new cluster's entry.
-                st.l2_depends = true;
+                Self::l2_depends_on_refcounts(d, file, st).await?;
                 Self::set_l2_words(d, file, st, l2_off, 2 * idx + 1, &[new_bitmap]).await?;
             }
             None => {
-                let new = Self::alloc(d, file, st).await?;
+                let new = Self::alloc_data(d, file, &dnode, st, guest).await?;
                 let mut full = IoBuf::zeroed(cs);
                 full[rs..re].copy_from_slice(&buf);
-                grow(file, new + cs as u64);
                 file.debug_event(DebugEvent::WriteAio).await;
-                file.write(new, full.freeze(), WriteFlags::default())
+                dnode
+                    .write(new, full.freeze(), WriteFlags::default())
                     .await?;
                 pending.push(Pending {
                     l2_off,
@@ -1004,7 +1294,7 @@ impl Writer {
         if pending.is_empty() {
             return Ok(());
         }
-        st.l2_depends = true;
+        Self::l2_depends_on_refcounts(d, file, st).await?;
         let cs = d.header().cluster_size();
         for p in pending {
             let words = match p.bitmap {
@@ -1013,7 +1303,7 @@ impl Writer {
             };
             let at = if p.bitmap.is_some() { 2 * p.idx } else { p.idx };
             Self::set_l2_words_mem(d, file, p.l2_off, at, &words).await?;
-            Self::release(p.old, cs, to_free);
+            Self::release(d, p.old, cs, to_free);
         }
         Self::bound_dirty_l2(d, file, st).await
     }
@@ -1065,8 +1355,12 @@ impl Writer {
         Ok(Some(out))
     }
 
-    /// Remembers the clusters `entry` used, to free once it is replaced.
-    fn release(entry: L2Entry, cs: u64, to_free: &mut Vec<(u64, u64)>) {
+    /// Remembers the clusters `entry` used, to free once it is replaced
+    /// (clusters of an external data file have no refcounts).
+    fn release(d: &Qcow2Driver, entry: L2Entry, cs: u64, to_free: &mut Vec<(u64, u64)>) {
+        if d.layout().data_file {
+            return;
+        }
         match entry {
             L2Entry::Normal { host } | L2Entry::Zero { host: Some(host) } => {
                 to_free.push((host, cs))
@@ -1103,7 +1397,7 @@ impl Writer {
             }
             let entry = Self::decode(d, word, guest)?;
             Self::set_l2_words(d, file, st, l2_off, 2 * idx, &words).await?;
-            Self::release(entry, d.header().cluster_size(), to_free);
+            Self::release(d, entry, d.header().cluster_size(), to_free);
             return Ok(());
         }
         if word == new_entry {
@@ -1111,7 +1405,7 @@ impl Writer {
         }
         let entry = Self::decode(d, word, guest)?;
         Self::set_l2_entry(d, file, st, l2_off, idx, new_entry).await?;
-        Self::release(entry, d.header().cluster_size(), to_free);
+        Self::release(d, entry, d.header().cluster_size(), to_free);
         Ok(())
     }
 
@@ -1127,21 +1421,25 @@ impl Writer {
         let cs = d.header().cluster_size();
         let len = data.len() as u64;
         // Overwrites of clusters this image alone owns need no metadata
-        // change and no lock. (Freed clusters are never reused, so a
-        // cluster freed meanwhile only loses a write that raced with its
-        // discard.)
+        // change and no lock. A cluster freed meanwhile (a racing discard)
+        // is not reused before this write ends: it only loses the write.
         if !flags.copy_on_read && self.prepared.load(SeqCst) {
+            let ticket = Ticket::take(&self.tickets);
             if let Some(hosts) = Self::in_place(d, &file, offset, len).await? {
+                let dnode = d.data_node(node)?;
                 let mut done = 0usize;
                 for (host, n) in hosts {
                     file.debug_event(DebugEvent::WriteAio).await;
-                    file.write(host, data.slice(done..done + n), WriteFlags::default())
+                    dnode
+                        .write(host, data.slice(done..done + n), WriteFlags::default())
                         .await?;
                     done += n;
                 }
+                drop(ticket);
                 if flags.fua {
                     // The mapping may still be in a dirty L2 table.
-                    self.flush(d, &file).await?;
+                    Self::flush_data(d, node).await?;
+                    self.flush(d, &file, false).await?;
                 }
                 return Ok(());
             }
@@ -1184,6 +1482,7 @@ impl Writer {
         Self::free_all(d, &file, &mut st, to_free).await?;
         res?;
         if flags.fua {
+            Self::flush_data(d, node).await?;
             Self::write_back(d, &file, &mut st, true).await?;
         }
         Ok(())
@@ -1207,13 +1506,18 @@ impl Writer {
     ) -> Result<()> {
         let cs = d.header().cluster_size();
         let len = data.len() as u64;
+        let dnode = d.data_node(node)?;
         let mut plan = Vec::new();
         let mut guard = InflightGuard {
             w: self,
             guests: Vec::new(),
         };
+        // In-place pieces are written without the lock: their clusters
+        // are not reused before they are done.
+        let ticket;
         {
             let mut st = self.lock_range(offset, len, cs).await;
+            ticket = Ticket::take(&self.tickets);
             Self::prepare(d, file, &mut st).await?;
             self.prepared.store(true, SeqCst);
             let mut done = 0u64;
@@ -1234,8 +1538,7 @@ impl Writer {
                     old => {
                         // A cluster's refcount may reach the file before
                         // its entry does (a leak at worst), never after.
-                        let host = Self::alloc(d, file, &mut st).await?;
-                        grow(file, host + cs);
+                        let host = Self::alloc_data(d, file, &dnode, &mut st, guest).await?;
                         plan.push(Piece::New {
                             guest,
                             host,
@@ -1266,7 +1569,7 @@ impl Writer {
             let (step, r) = match plan[written] {
                 Piece::InPlace { host, at, n } => {
                     file.debug_event(DebugEvent::WriteAio).await;
-                    let r = file
+                    let r = dnode
                         .write(host, data.slice(at..at + n), WriteFlags::default())
                         .await;
                     (1, r)
@@ -1280,7 +1583,7 @@ impl Writer {
                         k += 1;
                     }
                     file.debug_event(DebugEvent::CowWrite).await;
-                    let r = file
+                    let r = dnode
                         .write(host, data.slice(at..at + k * n), WriteFlags::default())
                         .await;
                     (k, r)
@@ -1299,7 +1602,7 @@ impl Writer {
                     {
                         Ok(buf) => {
                             file.debug_event(DebugEvent::CowWrite).await;
-                            file.write(host, buf.freeze(), WriteFlags::default()).await
+                            dnode.write(host, buf.freeze(), WriteFlags::default()).await
                         }
                         Err(e) => Err(e),
                     };
@@ -1312,6 +1615,7 @@ impl Writer {
             }
             written += step;
         }
+        drop(ticket);
         // Publish what was written (a cluster whose data failed only
         // leaks), then let waiters on these clusters go.
         let mut st = self.state.lock().await;
@@ -1341,6 +1645,7 @@ impl Writer {
         Self::free_all(d, file, &mut st, to_free).await?;
         res?;
         if flags.fua {
+            Self::flush_data(d, node).await?;
             Self::write_back(d, file, &mut st, true).await?;
         }
         Ok(())
@@ -1363,8 +1668,17 @@ impl Writer {
         }
         self.unmap_range(d, node, offset, len, ZERO_FLAG, true)
             .await?;
+        if Self::data_file_raw(d) {
+            // The data file stays a raw image of the disk.
+            let dnode = d.data_node(node)?;
+            grow(&dnode, offset + len);
+            dnode
+                .write_zeroes(offset, len, ZeroFlags::default())
+                .await?;
+        }
         if flags.fua {
-            self.flush(d, &*d.file(node)?).await?;
+            Self::flush_data(d, node).await?;
+            self.flush(d, &*d.file(node)?, false).await?;
         }
         Ok(())
     }
@@ -1372,8 +1686,11 @@ impl Writer {
     pub async fn discard(&self, d: &Qcow2Driver, node: &Node, offset: u64, len: u64) -> Result<()> {
         // As QEMU: version 3 discarded clusters read as zeroes; version 2
         // ones become unallocated, unless a backing file would show
-        // through (discard is advisory: then nothing changes).
-        if d.header().version >= 3 {
+        // through (discard is advisory: then nothing changes). A raw data
+        // file would no longer show the disk: nothing changes either.
+        if Self::data_file_raw(d) {
+            Ok(())
+        } else if d.header().version >= 3 {
             self.unmap_range(d, node, offset, len, ZERO_FLAG, false)
                 .await
         } else if node.child(sluice_core::Role::Backing).is_some() {

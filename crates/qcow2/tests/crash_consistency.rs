@@ -725,7 +725,7 @@ async fn crash_refcount_table_growth() {
         size: 4 * MIB,
         backing: false,
         prefill: &["write -P 0x11 0 1950k"],
-        ops: 60,
+        ops: 150,
         max_len: 64 * KIB,
         seed: 4,
         points: 400,

@@ -28,14 +28,51 @@ enum Setup {
     /// Filled through sluice first (grows the refcount table of small
     /// cluster sizes).
     Filled,
+    /// Prefilled, with two internal snapshots (`s1`, `s2`) sharing its
+    /// clusters and L2 tables; they must come out unchanged.
+    Snapshots,
+    /// Prefilled, its data in an external data file (`data_file`); with
+    /// `true`, a raw one (`data_file_raw`) that must show the disk.
+    DataFile(bool),
+}
+
+/// Where a [`Setup::DataFile`] image keeps its data.
+fn data_file_path(img: &str) -> String {
+    format!("{img}.data")
+}
+
+/// The raw contents of snapshot `name` (`qemu-img convert -l`).
+fn snapshot_raw(img: &str, name: &str) -> Vec<u8> {
+    let out = format!("{img}.{name}.raw");
+    qemu_img(&[
+        "convert",
+        "-l",
+        &format!("snapshot.name={name}"),
+        "-O",
+        "raw",
+        img,
+        &out,
+    ]);
+    let data = std::fs::read(&out).unwrap();
+    let _ = std::fs::remove_file(&out);
+    data
 }
 
 fn prepare(dir: &TempDir, c: &Case) -> String {
     let img = dir.path(&format!("{}.qcow2", c.name));
     let size = c.size.to_string();
     match c.setup {
-        Setup::Empty | Setup::Prefilled | Setup::Filled => {
+        Setup::Empty | Setup::Prefilled | Setup::Filled | Setup::Snapshots => {
             qemu_img(&["create", "-q", "-f", "qcow2", "-o", c.opts, &img, &size]);
+        }
+        Setup::DataFile(raw) => {
+            let opts = format!(
+                "{},data_file={},data_file_raw={}",
+                c.opts,
+                data_file_path(&img),
+                if raw { "on" } else { "off" }
+            );
+            qemu_img(&["create", "-q", "-f", "qcow2", "-o", &opts, &img, &size]);
         }
         Setup::Backing => {
             let base = dir.path(&format!("{}-base.qcow2", c.name));
@@ -75,7 +112,10 @@ fn prepare(dir: &TempDir, c: &Case) -> String {
             qemu_img(&["convert", "-c", "-O", "qcow2", "-o", c.opts, &src, &img]);
         }
     }
-    if c.setup == Setup::Prefilled {
+    if matches!(
+        c.setup,
+        Setup::Prefilled | Setup::Snapshots | Setup::DataFile(_)
+    ) {
         qemu_io(
             &img,
             &[
@@ -83,6 +123,17 @@ fn prepare(dir: &TempDir, c: &Case) -> String {
                 format!("write -z {} {}", c.size / 2, 4 * c.cs),
             ],
         );
+    }
+    if c.setup == Setup::Snapshots {
+        qemu_img(&["snapshot", "-c", "s1", &img]);
+        qemu_io(
+            &img,
+            &[
+                format!("write -P 0x18 {} {}", c.size / 4, c.size / 2),
+                format!("write -c -P 0x19 {} {}", c.size - 2 * c.cs, c.cs),
+            ],
+        );
+        qemu_img(&["snapshot", "-c", "s2", &img]);
     }
     img
 }
@@ -117,6 +168,14 @@ async fn run_case_with(c: Case, seed: u64, ops: usize, extra: serde_json::Value)
     let dir = TempDir::new(c.name);
     let img = prepare(&dir, &c);
     let mut model = qemu_raw(&img);
+    let snapshots: Vec<(&str, Vec<u8>)> = if c.setup == Setup::Snapshots {
+        ["s1", "s2"]
+            .into_iter()
+            .map(|n| (n, snapshot_raw(&img, n)))
+            .collect()
+    } else {
+        Vec::new()
+    };
     let v3 = !c.opts.contains("compat=0.10");
     let has_backing = c.setup == Setup::Backing;
     {
@@ -174,7 +233,8 @@ async fn run_case_with(c: Case, seed: u64, ops: usize, extra: serde_json::Value)
                     .discard(off, len)
                     .await
                     .unwrap_or_else(|e| panic!("{}: op {op}: discard {off}+{len}: {e}", c.name));
-                if v3 || !has_backing {
+                // A raw data file keeps its data: discard does nothing.
+                if (v3 || !has_backing) && c.setup != Setup::DataFile(true) {
                     if let Some((s, e)) = whole_clusters(c.cs, size, off, len) {
                         model[s as usize..e as usize].fill(0);
                     }
@@ -234,6 +294,19 @@ async fn run_case_with(c: Case, seed: u64, ops: usize, extra: serde_json::Value)
     let raw = dir.path("model.raw");
     std::fs::write(&raw, &model).unwrap();
     qemu_img(&["compare", "-f", "qcow2", "-F", "raw", &img, &raw]);
+    if c.setup == Setup::DataFile(true) {
+        // The raw data file shows the disk by itself.
+        let mut data = std::fs::read(data_file_path(&img)).unwrap();
+        data.resize(model.len(), 0);
+        assert_same(&format!("{}: raw data file", c.name), &data, &model);
+    }
+    for (name, data) in &snapshots {
+        assert_same(
+            &format!("{}: snapshot {name}", c.name),
+            &snapshot_raw(&img, name),
+            data,
+        );
+    }
 }
 
 #[tokio::test]
@@ -394,6 +467,58 @@ async fn small_caches_write_back_under_pressure() {
         small,
     )
     .await;
+}
+
+#[tokio::test]
+async fn random_writes_with_internal_snapshots() {
+    for (name, opts, cs, seed) in [
+        ("snap64k", "cluster_size=65536", 65536, 21),
+        ("snap4k", "cluster_size=4096,refcount_bits=8", 4096, 22),
+        ("snapext", "cluster_size=65536,extended_l2=on", 65536, 23),
+        ("snapv2", "compat=0.10,cluster_size=65536", 65536, 24),
+    ] {
+        run_case(
+            Case {
+                name,
+                opts,
+                cs,
+                size: 8 * MIB,
+                setup: Setup::Snapshots,
+            },
+            seed,
+            80,
+        )
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn random_writes_with_an_external_data_file() {
+    for (name, opts, cs, raw, seed) in [
+        ("data64k", "cluster_size=65536", 65536, false, 31),
+        ("dataraw", "cluster_size=65536", 65536, true, 32),
+        ("data4k", "cluster_size=4096", 4096, false, 33),
+        (
+            "dataext",
+            "cluster_size=65536,extended_l2=on",
+            65536,
+            false,
+            34,
+        ),
+    ] {
+        run_case(
+            Case {
+                name,
+                opts,
+                cs,
+                size: 8 * MIB,
+                setup: Setup::DataFile(raw),
+            },
+            seed,
+            80,
+        )
+        .await;
+    }
 }
 
 #[tokio::test]

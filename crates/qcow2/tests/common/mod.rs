@@ -223,3 +223,100 @@ pub fn patch(path: &str, offset: u64, bytes: &[u8]) {
 pub fn exists(p: &str) -> bool {
     Path::new(p).exists()
 }
+
+/// The protocol (`file`) node of an image, for tools that work below the
+/// format (check, repair); the graph keeps it open.
+pub async fn open_file_node(path: &str, read_only: bool) -> (Graph, Arc<Node>) {
+    let graph = Graph::new();
+    let node = {
+        let w = graph.writer().await;
+        let opts = serde_json::json!({"driver": "file", "filename": path});
+        open_with(&w, opts, CacheMode::WRITEBACK, read_only)
+            .await
+            .unwrap_or_else(|e| panic!("{path}: open: {e}"))
+    };
+    (graph, node)
+}
+
+/// `qemu-img check [args] --output=json img`: its exit status and JSON.
+pub fn qemu_check_json(img: &str, args: &[&str]) -> (i32, String) {
+    let mut a = vec!["check", "--output=json"];
+    a.extend_from_slice(args);
+    a.push(img);
+    let out = Command::new("qemu-img").args(&a).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).trim_end().to_string(),
+    )
+}
+
+/// Big-endian fields of a file.
+pub fn read_be(path: &str, offset: u64, len: usize) -> u64 {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).unwrap();
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    let mut buf = vec![0u8; len];
+    f.read_exact(&mut buf)
+        .unwrap_or_else(|e| panic!("{path}: {len} bytes at {offset}: {e}"));
+    buf.iter().fold(0, |a, &b| (a << 8) | u64::from(b))
+}
+
+/// Sets the 16-bit refcount of cluster `k` of a qcow2 image (default
+/// refcount width) in place, bypassing everything.
+pub fn poke_refcount16(path: &str, k: u64, v: u16) {
+    let cb = read_be(path, 20, 4);
+    let rt = read_be(path, 48, 8);
+    let per = (1u64 << cb) / 2;
+    let block = read_be(path, rt + (k / per) * 8, 8);
+    assert_ne!(block, 0, "{path}: no refcount block for cluster {k}");
+    patch(path, block + (k % per) * 2, &v.to_be_bytes());
+}
+
+/// The stored 16-bit refcount of cluster `k`.
+pub fn peek_refcount16(path: &str, k: u64) -> u64 {
+    let cb = read_be(path, 20, 4);
+    let rt = read_be(path, 48, 8);
+    let per = (1u64 << cb) / 2;
+    let block = read_be(path, rt + (k / per) * 8, 8);
+    read_be(path, block + (k % per) * 2, 2)
+}
+
+/// Offset of the L2 entry for guest offset `guest` (standard entries).
+pub fn l2_entry_at(path: &str, guest: u64) -> u64 {
+    let cb = read_be(path, 20, 4);
+    let l1 = read_be(path, 40, 8);
+    let per = 1u64 << (cb - 3);
+    let l1e = read_be(path, l1 + (guest >> cb) / per * 8, 8);
+    let l2 = l1e & 0x00ff_ffff_ffff_fe00;
+    assert_ne!(l2, 0, "{path}: guest offset {guest} has no L2 table");
+    l2 + ((guest >> cb) % per) * 8
+}
+
+/// Closes an image the clean way (as `qemu-img` ends): the root goes,
+/// the node is deleted, which flushes it as it closes.
+pub async fn close(o: Opened) {
+    let Opened { graph, node, root } = o;
+    drop(root);
+    let w = graph.writer().await;
+    let d = w.drain(&node).await;
+    w.delete_node(&d, &node)
+        .await
+        .unwrap_or_else(|e| panic!("closing {}: {e}", node.name()));
+}
+
+/// Whether the header's dirty bit (incompatible feature bit 0) is set.
+pub fn is_dirty(path: &str) -> bool {
+    read_be(path, 72, 8) & 1 != 0
+}
+
+/// `qemu-img check img`: exit status and all it printed.
+pub fn qemu_check_text(img: &str) -> (i32, String) {
+    let out = Command::new("qemu-img")
+        .args(["check", img])
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}

@@ -811,6 +811,66 @@ impl BlockDriver for FileDriver {
         Ok(self.find_allocation(offset, len))
     }
 
+    /// `ftruncate`, as QEMU's file-posix: `falloc` allocates the new area
+    /// with `fallocate`, `full` writes zeroes over it and syncs; both
+    /// only grow. On a failed preallocation the old length comes back.
+    async fn truncate(&self, node: &Node, size: u64, prealloc: &str) -> Result<()> {
+        let old = self.length()?;
+        let io_err = |op, e| Error::io(node.name(), op, old, size.saturating_sub(old), e);
+        match prealloc {
+            "off" => return self.resize(size).await,
+            "falloc" | "full" if size < old => {
+                return Err(Error::InvalidRequest {
+                    node: node.name().to_string(),
+                    reason: format!(
+                        "Cannot use preallocation for shrinking files (from {old} to {size} bytes)"
+                    ),
+                })
+            }
+            "falloc" | "full" => {}
+            other => {
+                return Err(Error::InvalidRequest {
+                    node: node.name().to_string(),
+                    reason: format!("Unsupported preallocation mode: {other}"),
+                })
+            }
+        }
+        if size == old {
+            return Ok(());
+        }
+        let res = if prealloc == "falloc" {
+            self.fallocate(0, old, size - old)
+                .await
+                .map_err(|e| io_err("preallocate", e))
+        } else {
+            // The final length first, so the file system can allocate in
+            // few extents; then zeroes written over the new area.
+            self.resize(size).await?;
+            const CHUNK: u64 = 1 << 20;
+            let zeroes = IoBytes::copy_from(&vec![0u8; CHUNK as usize]);
+            let mut at = old;
+            let mut res = Ok(());
+            while at < size && res.is_ok() {
+                let n = CHUNK.min(size - at);
+                let chunk = zeroes.slice(0..n as usize);
+                res = self
+                    .write_full(at, &chunk)
+                    .await
+                    .map_err(|e| Error::io(node.name(), "preallocate", at, n, e));
+                at += n;
+            }
+            match res {
+                Ok(()) => self.sync_data().await.map_err(|e| io_err("flush", e)),
+                e => e,
+            }
+        };
+        if res.is_err() {
+            // Best effort: the error that matters is the preallocation's.
+            let _ = self.resize(old).await;
+        }
+        res
+    }
+
     fn close(&self) {
         if self.use_lock {
             lock::release(self.fd.as_raw_fd(), &mut self.lock.lock());
