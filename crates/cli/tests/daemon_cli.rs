@@ -2,26 +2,14 @@
 //! qemu-io, qemu-img, and (when installed: Debian's libnbd-bin) nbdinfo
 //! and nbdcopy. Every daemon is stopped with SIGTERM and must exit 0.
 
+mod common;
+
+use common::{have, ok, run, temp_dir, TempDir};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
-
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn temp_dir(tag: &str) -> TempDir {
-    let d = std::env::temp_dir().join(format!("sluice-daemon-test-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    TempDir(d)
-}
 
 /// A running daemon; killed if a test fails before stopping it.
 struct Daemon {
@@ -100,43 +88,12 @@ impl Drop for Daemon {
     }
 }
 
-fn run(cmd: &str, args: &[&str]) -> Output {
-    Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"))
-}
-
-fn ok(cmd: &str, args: &[&str]) -> String {
-    let o = run(cmd, args);
-    assert!(
-        o.status.success(),
-        "{cmd} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).unwrap()
-}
-
-fn have(tool: &str) -> bool {
-    let found = Command::new(tool)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok();
-    if !found {
-        eprintln!("note: {tool} is not installed (Debian package libnbd-bin); skipping its checks");
-    }
-    found
-}
-
 const MIB: u64 = 1 << 20;
 
 /// A daemon with a 16 MiB memory node "disk" exported writable as "disk"
 /// with allocation-depth on, on a Unix socket; returns (daemon, uri, dir).
 fn start_unix(tag: &str) -> (Daemon, String, TempDir) {
-    let dir = temp_dir(tag);
+    let dir = temp_dir(&format!("daemon-{tag}"));
     let sock = dir.0.join("nbd.sock");
     let pidfile = dir.0.join("pid");
     let mut d = Daemon::start(&[
@@ -336,7 +293,7 @@ fn nbdinfo_and_nbdcopy_when_installed() {
 
 #[test]
 fn tcp_export_read_only_over_loopback() {
-    let dir = temp_dir("tcp");
+    let dir = temp_dir("daemon-tcp");
     let pidfile = dir.0.join("pid");
     // A free port: bind, note, release.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -422,7 +379,7 @@ fn message(o: &Output) -> String {
 
 #[test]
 fn command_line_errors_match_qemu_storage_daemon() {
-    let dir = temp_dir("errors");
+    let dir = temp_dir("daemon-errors");
     let sock = dir.0.join("s");
     let sock_opt = format!("addr.type=unix,addr.path={}", sock.display());
     let cases: Vec<Vec<String>> = vec![

@@ -3,133 +3,15 @@
 //! qemu-storage-daemon gives the same returns and errors (class and
 //! description), and the NBD exports it sets up serve real clients.
 
+mod common;
+
+use common::{sluice, start_with_monitor as start, temp_dir, Outcome, Qmp};
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn temp_dir(tag: &str) -> TempDir {
-    let d = std::env::temp_dir().join(format!("sluice-qmp-test-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    TempDir(d)
-}
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `cmd args` with a QMP monitor on `dir/qmp.sock`, waits for the
-/// pid file, and connects.
-fn start(cmd: &Path, pre: &[&str], dir: &Path) -> (Proc, Qmp) {
-    let qmp_sock = dir.join("qmp.sock");
-    let pidfile = dir.join("pid");
-    let child = Command::new(cmd)
-        .args(pre)
-        .args([
-            "--chardev",
-            &format!(
-                "socket,id=m0,path={},server=on,wait=off",
-                qmp_sock.display()
-            ),
-            "--monitor",
-            "chardev=m0",
-            "--pidfile",
-            pidfile.to_str().unwrap(),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut p = Proc(child);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !pidfile.exists() {
-        assert!(
-            p.0.try_wait().unwrap().is_none(),
-            "{} exited early",
-            cmd.display()
-        );
-        assert!(Instant::now() < deadline, "not ready");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let s = UnixStream::connect(&qmp_sock).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let mut q = Qmp {
-        r: BufReader::new(s.try_clone().unwrap()),
-        w: s,
-        events: Vec::new(),
-    };
-    let greeting = q.line();
-    assert!(
-        greeting["QMP"]["version"]["qemu"]["major"].is_u64(),
-        "{greeting}"
-    );
-    (p, q)
-}
-
-struct Qmp {
-    r: BufReader<UnixStream>,
-    w: UnixStream,
-    events: Vec<String>,
-}
-
-impl Qmp {
-    fn line(&mut self) -> Value {
-        let mut l = String::new();
-        assert!(self.r.read_line(&mut l).unwrap() > 0, "monitor closed");
-        serde_json::from_str(&l).unwrap()
-    }
-
-    /// Waits for event `name` (it may have come already).
-    fn wait_event(&mut self, name: &str) {
-        while !self.events.iter().any(|e| e == name) {
-            let v = self.line();
-            if let Some(e) = v.get("event") {
-                self.events.push(e.as_str().unwrap().to_string());
-            }
-        }
-    }
-
-    /// Sends a command; returns `Ok(return)` or `Err((class, desc))`.
-    fn cmd(&mut self, execute: &str, args: Value) -> Result<Value, (String, String)> {
-        let mut m = json!({"execute": execute});
-        if !args.is_null() {
-            m["arguments"] = args;
-        }
-        self.w.write_all(format!("{m}\n").as_bytes()).unwrap();
-        loop {
-            let v = self.line();
-            if let Some(e) = v.get("event") {
-                self.events.push(e.as_str().unwrap().to_string());
-                continue;
-            }
-            if let Some(r) = v.get("return") {
-                return Ok(r.clone());
-            }
-            let e = &v["error"];
-            return Err((
-                e["class"].as_str().unwrap().to_string(),
-                e["desc"].as_str().unwrap().to_string(),
-            ));
-        }
-    }
-}
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
 
 /// A raw NBD client holding a connection to export `name`.
 fn hold_nbd(sock: &Path, name: &str) -> UnixStream {
@@ -147,8 +29,6 @@ fn hold_nbd(sock: &Path, name: &str) -> UnixStream {
     s.read_exact(&mut e).unwrap();
     s
 }
-
-type Outcome = Result<Value, (String, String)>;
 
 /// The differential sequence; returns every outcome, in order.
 fn sequence(q: &mut Qmp, dir: &Path) -> Vec<(String, Outcome)> {
@@ -226,12 +106,8 @@ fn sequence(q: &mut Qmp, dir: &Path) -> Vec<(String, Outcome)> {
 
 #[test]
 fn the_same_qmp_sequence_gives_the_same_outcomes_as_qemu_storage_daemon() {
-    let ours_dir = temp_dir("ours");
-    let (mut p, mut q) = start(
-        Path::new(env!("CARGO_BIN_EXE_sluice")),
-        &["daemon"],
-        &ours_dir.0,
-    );
+    let ours_dir = temp_dir("qmp-ours");
+    let (mut p, mut q) = start(sluice(), &["daemon"], &ours_dir.0);
     // Before negotiation, only qmp_capabilities.
     assert_eq!(
         q.cmd("query-version", Value::Null),
@@ -244,8 +120,7 @@ fn the_same_qmp_sequence_gives_the_same_outcomes_as_qemu_storage_daemon() {
     let ours = sequence(&mut q, &ours_dir.0);
     assert!(p.0.wait().unwrap().success(), "quit exits 0");
     assert!(!ours_dir.0.join("qmp.sock").exists() && !ours_dir.0.join("pid").exists());
-    let ours_events = q.events.clone();
-    assert_eq!(ours_events, ["BLOCK_EXPORT_DELETED"]);
+    assert_eq!(q.event_names(), ["BLOCK_EXPORT_DELETED"]);
     for (cmd, r) in &ours {
         eprintln!("sluice: {cmd} -> {r:?}");
     }
@@ -257,7 +132,7 @@ fn the_same_qmp_sequence_gives_the_same_outcomes_as_qemu_storage_daemon() {
         eprintln!("note: qemu-storage-daemon not installed; differential part skipped");
         return;
     }
-    let theirs_dir = temp_dir("theirs");
+    let theirs_dir = temp_dir("qmp-theirs");
     let (mut tp, mut tq) = start(Path::new("qemu-storage-daemon"), &[], &theirs_dir.0);
     tq.cmd("qmp_capabilities", Value::Null).unwrap();
     let theirs = sequence(&mut tq, &theirs_dir.0);
@@ -270,8 +145,8 @@ fn the_same_qmp_sequence_gives_the_same_outcomes_as_qemu_storage_daemon() {
 
 #[test]
 fn qmp_sets_up_a_writable_export_that_qemu_io_writes() {
-    let dir = temp_dir("data");
-    let (mut p, mut q) = start(Path::new(env!("CARGO_BIN_EXE_sluice")), &["daemon"], &dir.0);
+    let dir = temp_dir("qmp-data");
+    let (mut p, mut q) = start(sluice(), &["daemon"], &dir.0);
     q.cmd("qmp_capabilities", Value::Null).unwrap();
     q.cmd(
         "blockdev-add",

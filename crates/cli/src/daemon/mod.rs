@@ -9,12 +9,14 @@
 //! directory, and prints how to connect.
 //!
 //! `--chardev socket,...` with `--monitor` serves QMP (`sluice_control::qmp`);
-//! the NBD commands come from [`NbdCommands`], the QMP extension here.
+//! the NBD commands come from [`NbdCommands`], the QMP extension here, and
+//! the block job commands from `sluice_control::jobs`.
 
 mod options;
 
 use options::{DaemonOpt, ExportOpts, Located, NbdServerOpts, Parsed, USAGE};
 use serde_json::{json, Map, Value};
+use sluice_control::jobs::JobCommands;
 use sluice_control::qmp::{self, BoxFuture, MonitorListener, Qmp, QmpError};
 use sluice_core::Graph;
 use sluice_drivers::blockdev_add;
@@ -302,7 +304,15 @@ async fn serve(opts: Vec<Located>, default_dir: Option<PathBuf>) -> Result<ExitC
         graph: graph.clone(),
         server: tokio::sync::Mutex::new(None),
     });
-    let qmp = Qmp::new(graph.clone(), vec![nbd.clone() as Arc<dyn qmp::Extension>]);
+    let jobs = JobCommands::new(graph.clone());
+    let qmp = Qmp::new(
+        graph.clone(),
+        vec![
+            nbd.clone() as Arc<dyn qmp::Extension>,
+            jobs.clone() as Arc<dyn qmp::Extension>,
+        ],
+    );
+    let _events = jobs.forward_events(&qmp);
     let mut monitors: Vec<MonitorListener> = Vec::new();
     let mut pidfile: Option<PathBuf> = None;
     let res = setup(&graph, &opts, &nbd, &qmp, &mut monitors, &mut pidfile).await;
@@ -335,6 +345,9 @@ async fn serve(opts: Vec<Located>, default_dir: Option<PathBuf>) -> Result<ExitC
         eprintln!("sluice daemon: shutting down");
     }
     shutdown(&nbd, monitors).await;
+    // As qemu-storage-daemon does: running jobs are cancelled, their
+    // filters leave the graph before the nodes are flushed.
+    jobs.cancel_all(&qmp).await;
     // Nodes go with the graph; flush them first so that file nodes are
     // durable on a clean exit.
     for node in graph.nodes() {

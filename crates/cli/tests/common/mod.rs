@@ -1,0 +1,224 @@
+//! Helpers shared by the tests that drive `sluice daemon` and
+//! qemu-storage-daemon from outside: scratch directories, running tools,
+//! and a QMP client.
+#![allow(dead_code)]
+
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a test waits for a reply or event before it fails.
+pub const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A scratch directory, removed when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    /// `name` in this directory, as a string for command lines.
+    pub fn file(&self, name: &str) -> String {
+        self.path(name).to_str().unwrap().to_string()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A fresh directory for a test; `tag` keeps the tests of a process apart.
+pub fn temp_dir(tag: &str) -> TempDir {
+    let d = std::env::temp_dir().join(format!("sluice-test-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    TempDir(d)
+}
+
+pub fn run(cmd: &str, args: &[&str]) -> Output {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"))
+}
+
+/// Runs a tool that must succeed; returns its stdout.
+pub fn ok(cmd: &str, args: &[&str]) -> String {
+    let o = run(cmd, args);
+    assert!(
+        o.status.success(),
+        "{cmd} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+/// Whether `tool` is installed; says so when it is not.
+pub fn have(tool: &str) -> bool {
+    let found = Command::new(tool)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    if !found {
+        eprintln!("note: {tool} is not installed; skipping its checks");
+    }
+    found
+}
+
+/// A child process, killed if a test fails before it exits.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `cmd pre...` with a QMP monitor on `dir/qmp.sock`, waits for the
+/// pid file (written once the daemon is ready), and connects.
+pub fn start_with_monitor(cmd: &Path, pre: &[&str], dir: &Path) -> (Proc, Qmp) {
+    let qmp_sock = dir.join("qmp.sock");
+    let pidfile = dir.join("pid");
+    let child = Command::new(cmd)
+        .args(pre)
+        .args([
+            "--chardev",
+            &format!(
+                "socket,id=m0,path={},server=on,wait=off",
+                qmp_sock.display()
+            ),
+            "--monitor",
+            "chardev=m0",
+            "--pidfile",
+            pidfile.to_str().unwrap(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut p = Proc(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !pidfile.exists() {
+        assert!(
+            p.0.try_wait().unwrap().is_none(),
+            "{} exited early",
+            cmd.display()
+        );
+        assert!(Instant::now() < deadline, "not ready");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let s = UnixStream::connect(&qmp_sock).unwrap();
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut q = Qmp {
+        r: BufReader::new(s.try_clone().unwrap()),
+        w: s,
+        events: Vec::new(),
+    };
+    let greeting = q.line();
+    assert!(
+        greeting["QMP"]["version"]["qemu"]["major"].is_u64(),
+        "{greeting}"
+    );
+    (p, q)
+}
+
+/// `sluice daemon`, the binary under test.
+pub fn sluice() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_sluice"))
+}
+
+/// A QMP client; keeps every event it reads, in order.
+pub struct Qmp {
+    pub r: BufReader<UnixStream>,
+    pub w: UnixStream,
+    pub events: Vec<Value>,
+}
+
+/// A command's outcome: `Ok(return)` or `Err((class, desc))`.
+pub type Outcome = Result<Value, (String, String)>;
+
+impl Qmp {
+    pub fn line(&mut self) -> Value {
+        let mut l = String::new();
+        assert!(self.r.read_line(&mut l).unwrap() > 0, "monitor closed");
+        serde_json::from_str(&l).unwrap()
+    }
+
+    /// The names of the events read so far.
+    pub fn event_names(&self) -> Vec<String> {
+        self.events
+            .iter()
+            .map(|e| e["event"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// Waits for event `name` (it may have come already); returns it.
+    pub fn wait_event(&mut self, name: &str) -> Value {
+        loop {
+            if let Some(e) = self.events.iter().find(|e| e["event"] == name) {
+                return e.clone();
+            }
+            let v = self.line();
+            assert!(v.get("event").is_some(), "unexpected message {v}");
+            self.events.push(v);
+        }
+    }
+
+    /// The statuses of job `id` in the JOB_STATUS_CHANGE events read so far.
+    pub fn job_statuses(&self, id: &str) -> Vec<String> {
+        self.events
+            .iter()
+            .filter(|e| e["event"] == "JOB_STATUS_CHANGE" && e["data"]["id"] == id)
+            .map(|e| e["data"]["status"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// Reads events until job `id` has reached `status`.
+    pub fn wait_job_status(&mut self, id: &str, status: &str) {
+        while !self.job_statuses(id).iter().any(|s| s == status) {
+            let v = self.line();
+            assert!(v.get("event").is_some(), "unexpected message {v}");
+            self.events.push(v);
+        }
+    }
+
+    /// Sends a command and returns its outcome; events read meanwhile are kept.
+    pub fn cmd(&mut self, execute: &str, args: Value) -> Outcome {
+        let mut m = json!({"execute": execute});
+        if !args.is_null() {
+            m["arguments"] = args;
+        }
+        self.w.write_all(format!("{m}\n").as_bytes()).unwrap();
+        loop {
+            let v = self.line();
+            if v.get("event").is_some() {
+                self.events.push(v);
+                continue;
+            }
+            if let Some(r) = v.get("return") {
+                return Ok(r.clone());
+            }
+            let e = &v["error"];
+            return Err((
+                e["class"].as_str().unwrap().to_string(),
+                e["desc"].as_str().unwrap().to_string(),
+            ));
+        }
+    }
+
+    /// Negotiates capabilities.
+    pub fn negotiate(&mut self) {
+        assert_eq!(self.cmd("qmp_capabilities", Value::Null), Ok(json!({})));
+    }
+}
