@@ -254,10 +254,7 @@ impl JobCommands {
         let mut o = JobOptions::new(&c.job_id.unwrap_or_default());
         // QEMU creates the job before it touches the graph: id errors come
         // first. (`JobManager::create` checks again.)
-        let mut chars = o.id.chars();
-        let wellformed = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
-            && chars.all(|c| c.is_ascii_alphanumeric() || "-._".contains(c));
-        if !wellformed {
+        if !sluice_jobs::job::id_wellformed(&o.id) {
             return Err(QmpError::generic(format!("Invalid job ID '{}'", o.id)));
         }
         if self.jobs.get(&o.id).is_some() {
@@ -466,20 +463,22 @@ impl JobCommands {
                 }));
             }
             let opts = self.job_options(c)?;
-            if filter_node_name.is_some() {
-                return Err(unsupported("filter-node-name", "an active commit"));
-            }
-            sluice_jobs::mirror::start_active_commit(&self.jobs, opts, &top_bs, &base_bs).await?;
+            sluice_jobs::mirror::start_active_commit(
+                &self.jobs,
+                opts,
+                &top_bs,
+                &base_bs,
+                filter_node_name.as_deref(),
+            )
+            .await?;
             return Ok(json!({}));
         }
         let opts = self.job_options(c)?;
-        if filter_node_name.is_some() {
-            return Err(unsupported("filter-node-name", "an intermediate commit"));
-        }
         let params = CommitParams {
             top: top_bs,
             base: base_bs,
             backing_file,
+            filter_node_name,
         };
         sluice_jobs::commit::start(&self.jobs, opts, params).await?;
         Ok(json!({}))
@@ -825,9 +824,13 @@ fn job_above(n: &Arc<Node>) -> Option<String> {
             match e.parent().node() {
                 Some(p) => todo.push(p),
                 None => {
-                    let desc = e.parent().describe();
-                    if let Some(id) = desc.strip_prefix("job '") {
-                        return Some(id.trim_end_matches('\'').to_string());
+                    if let Some(("job", id)) = e
+                        .parent()
+                        .root_user()
+                        .as_ref()
+                        .map(|(k, n)| (k.as_str(), n.as_str()))
+                    {
+                        return Some(id.to_string());
                     }
                 }
             }
@@ -871,11 +874,11 @@ fn block_graph(graph: &Graph) -> Value {
                     None => None,
                 },
                 Parent::Root(_) => {
-                    let desc = e.parent().describe();
-                    let id = *roots.entry(desc.clone()).or_insert_with(|| {
-                        let (ty, name) = match desc.strip_prefix("job '") {
-                            Some(rest) => ("block-job", rest.trim_end_matches('\'')),
-                            None => ("block-backend", ""),
+                    let user = e.parent().root_user().unwrap_or_default();
+                    let id = *roots.entry(user.clone()).or_insert_with(|| {
+                        let (ty, name) = match user.0.as_str() {
+                            "job" => ("block-job", user.1.as_str()),
+                            _ => ("block-backend", ""),
                         };
                         out_nodes.push(json!({"name": name, "type": ty, "id": next}));
                         next += 1;

@@ -28,6 +28,8 @@ pub struct CommitParams {
     pub base: Arc<Node>,
     /// The backing file name written into the overlays' headers.
     pub backing_file: Option<String>,
+    /// Node-name for the `commit_top` filter (`filter-node-name`).
+    pub filter_node_name: Option<String>,
 }
 
 struct Commit {
@@ -60,7 +62,9 @@ pub async fn start(jobs: &JobManager, opts: JobOptions, params: CommitParams) ->
     if overlays(&params.top).is_empty() {
         // The active layer: committed by mirroring it into base.
         drop(w);
-        return crate::mirror::start_active_commit(jobs, opts, &params.top, &params.base).await;
+        let filter = params.filter_node_name.as_deref();
+        return crate::mirror::start_active_commit(jobs, opts, &params.top, &params.base, filter)
+            .await;
     }
     let base = skip_filters(&params.base);
     if base.is_read_only() {
@@ -69,7 +73,13 @@ pub async fn start(jobs: &JobManager, opts: JobOptions, params: CommitParams) ->
             base.name()
         )));
     }
-    let filter = insert_filter(&w, &params.top, Box::new(JobFilter(CommitTop)), None).await?;
+    let filter = insert_filter(
+        &w,
+        &params.top,
+        Box::new(JobFilter(CommitTop)),
+        params.filter_node_name.as_deref(),
+    )
+    .await?;
     let roots = add_roots(&w, &opts.id, &params).await;
     let (top_root, base_root) = match roots {
         Ok(r) => r,
@@ -218,13 +228,16 @@ impl JobDriver for Commit {
             rewrite_backing(o, name.as_deref(), Some(&fmt)).await?;
         }
         let mut tx = w.transaction();
-        let mut staged = Ok(());
-        for o in &ups {
-            staged = tx.set_backing(&drained, o, Some(&p.base));
-            if staged.is_err() {
-                break;
+        let staged = (|| {
+            for o in &ups {
+                tx.set_backing(&drained, o, Some(&p.base))?;
             }
-        }
+            // The filter has no users left; a named one goes too.
+            match &filter {
+                Some(f) if f.parents().is_empty() => tx.delete_node(&drained, f),
+                _ => Ok(()),
+            }
+        })();
         let result = match staged {
             Ok(()) => tx.commit().await,
             Err(e) => Err(e),

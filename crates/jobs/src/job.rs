@@ -171,6 +171,8 @@ struct State {
     user_paused: bool,
     /// Parked at a pause point right now.
     paused: bool,
+    /// Working (not parked, sleeping or waiting to be kicked).
+    busy: bool,
     started: bool,
     /// `run` has returned.
     deferred: bool,
@@ -294,6 +296,7 @@ impl JobManager {
                 pause_count: 1,
                 user_paused: false,
                 paused: true,
+                busy: false,
                 started: false,
                 deferred: false,
                 cancel_requested: false,
@@ -322,6 +325,7 @@ impl JobManager {
             let mut s = job.state.lock();
             assert!(!s.started, "job '{}' started twice", job.id);
             s.started = true;
+            s.busy = true;
             s.pause_count -= 1;
             s.paused = false;
             job.transition(&mut s, JobStatus::Running);
@@ -339,7 +343,7 @@ impl JobManager {
 }
 
 /// QEMU's `id_wellformed`: a letter, then letters, digits, `-`, `.`, `_`.
-fn id_wellformed(id: &str) -> bool {
+pub fn id_wellformed(id: &str) -> bool {
     let mut chars = id.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphabetic())
         && chars.all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))
@@ -536,6 +540,7 @@ impl Job {
                 if s.pause_count == 0 || s.force_cancel {
                     if let Some(prev) = parked_from {
                         s.paused = false;
+                        s.busy = true;
                         self.transition(&mut s, prev);
                     }
                     return;
@@ -548,6 +553,7 @@ impl Job {
                         JobStatus::Paused
                     };
                     s.paused = true;
+                    s.busy = false;
                     self.transition(&mut s, to);
                     parked_from = Some(prev);
                 }
@@ -573,10 +579,12 @@ impl Job {
             return;
         }
         if !delay.is_zero() && self.state.lock().pause_count == 0 {
+            self.state.lock().busy = false;
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = self.kick.notified() => {}
             }
+            self.state.lock().busy = true;
         }
         self.pause_point().await;
     }
@@ -587,7 +595,9 @@ impl Job {
         if self.is_cancelled() {
             return;
         }
+        self.state.lock().busy = false;
         self.kick.notified().await;
+        self.state.lock().busy = true;
     }
 
     /// Wakes the job from `yield_until_kicked` or a sleep.
@@ -673,7 +683,7 @@ impl Job {
             "device": self.id,
             "len": s.total,
             "offset": s.current,
-            "busy": !s.paused && !s.deferred && s.started,
+            "busy": s.busy && !s.deferred,
             "paused": s.pause_count > 0,
             "speed": s.speed,
             "io-status": s.io_status,

@@ -193,10 +193,12 @@ pub async fn start_active_commit(
     opts: JobOptions,
     top: &Arc<Node>,
     base: &Arc<Node>,
+    filter_node_name: Option<&str>,
 ) -> Result<Arc<Job>> {
     crate::chain::intermediates(top, Some(base))?;
     let mut p = MirrorParams::new(top, base, SyncMode::Top);
     p.base = Some(base.clone());
+    p.filter_node_name = filter_node_name.map(str::to_string);
     start_as(jobs, opts, p, "commit").await
 }
 

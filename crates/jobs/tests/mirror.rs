@@ -305,7 +305,7 @@ async fn active_commit_pivots_the_guest_onto_the_base() {
     );
     let jobs = JobManager::new(graph.clone());
     let mut rx = jobs.events().subscribe();
-    let job = mirror::start_active_commit(&jobs, JobOptions::new("c"), &top, &base)
+    let job = mirror::start_active_commit(&jobs, JobOptions::new("c"), &top, &base, None)
         .await
         .unwrap();
     assert_eq!(job.job_type(), "commit");

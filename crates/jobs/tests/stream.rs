@@ -409,6 +409,7 @@ async fn intermediate_commit_while_the_guest_writes() {
             top: mid.clone(),
             base: base.clone(),
             backing_file: None,
+            filter_node_name: Some("commit-filter".into()),
         },
     )
     .await
@@ -416,6 +417,10 @@ async fn intermediate_commit_while_the_guest_writes() {
     assert_eq!(job.wait_concluded().await, None, "seed {seed}");
     writer.await.unwrap();
     assert!(same(&backing(&top).unwrap(), &base), "top now sits on base");
+    assert!(
+        graph.node("commit-filter").is_err(),
+        "the named filter is gone"
+    );
     let want = model.lock().clone();
     assert_matches_model(&guest, &want, seed).await;
     let base_view = root_on(&graph, "base-view", &base, PermPair::reader())

@@ -80,6 +80,15 @@ impl Parent {
             Parent::Root(_) => None,
         }
     }
+
+    /// For a root: what kind of user it is (`job`, `export`, ...) and its
+    /// name (a job's id, an export's name).
+    pub fn root_user(&self) -> Option<(String, String)> {
+        match self {
+            Parent::Root(r) => r.upgrade().map(|r| (r.kind.clone(), r.name.clone())),
+            Parent::Node(_) => None,
+        }
+    }
 }
 
 /// A parent → child link with a role and permissions (QEMU's `BdrvChild`).
@@ -424,6 +433,30 @@ impl Node {
         let skip = (offset - start) as usize;
         bounce[skip..skip + data.len()].copy_from_slice(&data);
         self.driver.write(self, start, bounce.freeze(), flags).await
+    }
+
+    /// Writes `data` at `offset` compressed: one whole cluster of the
+    /// format, or the disk's last (shorter) one. The format checks the
+    /// cluster alignment; a compressed write cannot be split or
+    /// read-modify-written, so an offset off the node's request
+    /// alignment is refused here.
+    pub async fn write_compressed(&self, offset: u64, data: IoBytes) -> Result<()> {
+        let len = data.len() as u64;
+        self.check_request(offset, len)?;
+        self.check_writable("compressed write")?;
+        if offset & (self.align - 1) != 0 {
+            return Err(Error::invalid_request(
+                self.name(),
+                format!(
+                    "a compressed write must start on a cluster boundary: offset {offset} is not a multiple of the {}-byte request alignment",
+                    self.align
+                ),
+            ));
+        }
+        let _in_flight = self.enter()?;
+        let res = self.driver.write_compressed(self, offset, data).await;
+        self.stats.account(IoKind::Write, len, res.is_ok());
+        res
     }
 
     fn check_writable(&self, op: &'static str) -> Result<()> {
