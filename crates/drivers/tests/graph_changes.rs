@@ -437,3 +437,37 @@ async fn deleting_a_node_flushes_it_through_its_children_first() {
     );
     assert!(img.parents().is_empty() && fmt.is_closed());
 }
+
+/// A drain of `mid` covers `top` above it. The first step of
+/// `set_backing(top, base)` cuts the path top → mid that quiesced top;
+/// the transaction still holds top quiesced until it ends, so a queued
+/// guest request cannot run into the half-done change. (Found by the
+/// commit job on qcow2 files: a guest write released mid-transaction
+/// saw top with no backing and copied zeroes.)
+#[tokio::test]
+async fn a_change_keeps_the_changed_node_quiesced_after_cutting_its_drained_path() {
+    let graph = Graph::new();
+    let [base, mid, top] = memory_chain(&graph, ["base", "mid", "top"]).await;
+    let root = root_on(&graph, "guest", &top, PermPair::writer())
+        .await
+        .unwrap();
+    let w = graph.writer().await;
+    let drained = w.drain(&mid).await;
+    assert!(root.is_quiesced());
+    let mut tx = w.transaction();
+    tx.set_backing(&drained, &top, Some(&base)).unwrap();
+    assert!(
+        Arc::ptr_eq(&top.child(Role::Backing).unwrap(), &base),
+        "the step is applied"
+    );
+    assert!(
+        root.is_quiesced(),
+        "the guest must stay queued until the transaction ends"
+    );
+    tx.commit().await.unwrap();
+    drop(drained);
+    drop(w);
+    assert!(!root.is_quiesced());
+    assert_eq!(top.quiesce_count(), 0);
+    assert_eq!(mid.quiesce_count(), 0);
+}

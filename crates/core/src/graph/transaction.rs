@@ -39,6 +39,13 @@ pub struct Transaction<'w, 'g> {
     orphan_candidates: Vec<Arc<Node>>,
     /// Nodes removed on purpose; closed at commit.
     deleted: Vec<Arc<Node>>,
+    /// Nodes this transaction changes, each held quiesced until it ends.
+    /// A drain of a node *below* a changed node covers it only while the
+    /// path between them exists; the first step that cuts that path (a
+    /// new backing link, a dropped filter) would release it, and a queued
+    /// request could run into the half-done change. The pin keeps it
+    /// quiesced whatever the steps do to the edges.
+    pins: Vec<Arc<Node>>,
     steps: usize,
     fail_at: Option<usize>,
 }
@@ -50,6 +57,7 @@ impl<'w, 'g> Transaction<'w, 'g> {
             undo: Vec::new(),
             orphan_candidates: Vec::new(),
             deleted: Vec::new(),
+            pins: Vec::new(),
             steps: 0,
             fail_at: None,
         }
@@ -124,8 +132,14 @@ impl<'w, 'g> Transaction<'w, 'g> {
         Ok(())
     }
 
-    fn require(&self, proof: &dyn DrainProof, node: &Arc<Node>) -> Result<()> {
+    fn require(&mut self, proof: &dyn DrainProof, node: &Arc<Node>) -> Result<()> {
         if proof.covers(node) {
+            // Already idle and quiesced (the proof says so): pinning it
+            // waits for nothing.
+            if !self.pins.iter().any(|p| Arc::ptr_eq(p, node)) {
+                links::quiesce_node_up(node, 1);
+                self.pins.push(node.clone());
+            }
             Ok(())
         } else {
             Err(Error::WrongDrain {
@@ -463,6 +477,9 @@ impl<'w, 'g> Transaction<'w, 'g> {
 impl Drop for Transaction<'_, '_> {
     fn drop(&mut self) {
         self.rollback();
+        for node in self.pins.drain(..) {
+            links::unquiesce_node_up(&node, 1);
+        }
     }
 }
 

@@ -1,0 +1,341 @@
+//! The job scenarios on qcow2 files: afterwards every image passes
+//! `qemu-img check`, `qemu-img info --backing-chain` shows the chain sluice
+//! wrote into the headers, and `qemu-img compare` finds the guest-visible
+//! contents equal to the model.
+
+#[path = "../../drivers/tests/common/mod.rs"]
+mod dcommon;
+#[path = "../../qcow2/tests/common/mod.rs"]
+mod qcommon;
+
+use qcommon::{qemu_img, qemu_io, TempDir, MIB};
+use rand::{rngs::SmallRng, Rng, SeedableRng};
+use serde_json::{json, Value};
+use sluice_core::{Graph, IoBytes, Node, PermPair, Root, WriteFlags};
+use sluice_jobs::backup::{self, BackupParams};
+use sluice_jobs::commit::{self, CommitParams};
+use sluice_jobs::mirror::{self, MirrorParams, SyncMode};
+use sluice_jobs::stream::{self, StreamParams};
+use sluice_jobs::{JobManager, JobOptions, JobStatus};
+use std::sync::Arc;
+
+fn seed() -> u64 {
+    std::env::var("SLUICE_JOB_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random)
+}
+
+/// Files `name.qcow2` for each name, each backed by the one before, with
+/// `fills` written by qemu-io: `(layer, offset, len, byte)`. Returns the
+/// paths and the model of what the top shows.
+fn make_chain(
+    dir: &TempDir,
+    names: &[&str],
+    fills: &[(usize, u64, u64, u8)],
+) -> (Vec<String>, Vec<u8>) {
+    let mut paths: Vec<String> = Vec::new();
+    for (i, n) in names.iter().enumerate() {
+        let p = dir.path(&format!("{n}.qcow2"));
+        let mut args = vec!["create", "-q", "-f", "qcow2"];
+        let prev;
+        if i > 0 {
+            prev = paths[i - 1].clone();
+            args.extend(["-b", prev.as_str(), "-F", "qcow2"]);
+        }
+        args.extend([p.as_str(), "1M"]);
+        qemu_img(&args);
+        paths.push(p);
+    }
+    let mut model = vec![0u8; MIB as usize];
+    for &(layer, off, len, byte) in fills {
+        qemu_io(&paths[layer], &[format!("write -P {byte} {off} {len}")]);
+        model[off as usize..(off + len) as usize].fill(byte);
+    }
+    (paths, model)
+}
+
+/// Opens each file as a user node `names[i]` on top of the one before.
+async fn open_chain(graph: &Graph, names: &[&str], paths: &[String]) -> Vec<Arc<Node>> {
+    let w = graph.writer().await;
+    let mut nodes = Vec::new();
+    for (i, (n, p)) in names.iter().zip(paths).enumerate() {
+        let backing = if i == 0 {
+            Value::Null
+        } else {
+            json!(names[i - 1])
+        };
+        nodes.push(
+            dcommon::add(
+                &w,
+                json!({"driver": "qcow2", "node-name": n, "backing": backing,
+                       "file": {"driver": "file", "filename": p}}),
+            )
+            .await,
+        );
+    }
+    nodes
+}
+
+async fn guest_writes(root: &Root, model: &mut [u8], rng: &mut SmallRng, count: usize) {
+    for _ in 0..count {
+        let len = rng.gen_range(1..=6) * 4096;
+        let off = rng.gen_range(0..(MIB as usize - len) / 4096) * 4096;
+        let byte: u8 = rng.gen();
+        root.write(
+            off as u64,
+            IoBytes::copy_from(&vec![byte; len]),
+            WriteFlags::default(),
+        )
+        .await
+        .unwrap();
+        model[off..off + len].fill(byte);
+    }
+}
+
+/// The guest's view equals the model while sluice still has the images.
+async fn assert_view(root: &Root, model: &[u8], seed: u64) {
+    let got = root.read(0, model.len()).await.unwrap();
+    if let Some(i) = (0..model.len()).find(|&i| got[i] != model[i]) {
+        panic!(
+            "seed {seed}: the guest reads {:#x} at {i}; the model says {:#x}",
+            got[i], model[i]
+        );
+    }
+}
+
+/// Closes every node, top first, so caches reach the files.
+async fn close_all(graph: &Graph, roots: Vec<Root>) {
+    drop(roots);
+    loop {
+        let w = graph.writer().await;
+        let Some(n) = graph.nodes().into_iter().find(|n| n.parents().is_empty()) else {
+            break;
+        };
+        let d = w.drain(&n).await;
+        w.delete_node(&d, &n).await.unwrap();
+    }
+}
+
+/// `qemu-img check` clean, and compare equal to `model` (as raw).
+fn assert_image(dir: &TempDir, img: &str, model: &[u8], seed: u64) {
+    let out = qemu_img(&["check", "--output=json", img]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        v.get("corruptions").is_none() && v.get("leaks").is_none() && v["check-errors"] == 0,
+        "seed {seed}: {img}: {out}"
+    );
+    let raw = dir.path("model.raw");
+    std::fs::write(&raw, model).unwrap();
+    let out = std::process::Command::new("qemu-img")
+        .args(["compare", "-f", "raw", &raw, img])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "seed {seed}: {img} differs from the model: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// The chain `qemu-img info --backing-chain` reads from the headers.
+fn chain_of(img: &str) -> Vec<String> {
+    let out = qemu_img(&["info", "--backing-chain", "--output=json", img]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["filename"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_to_an_intermediate_base_on_qcow2_files() {
+    let seed = seed();
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let dir = TempDir::new("stream");
+    let names = ["base", "m1", "m2", "top"];
+    let (paths, mut model) = make_chain(
+        &dir,
+        &names,
+        &[
+            (0, 0, MIB, 0x11),
+            (1, 256 << 10, 256 << 10, 0x22),
+            (2, 384 << 10, 256 << 10, 0x33),
+            (3, 0, 64 << 10, 0x44),
+        ],
+    );
+    let graph = Graph::new();
+    let nodes = open_chain(&graph, &names, &paths).await;
+    let guest = dcommon::root_on(&graph, "guest", &nodes[3], PermPair::writer())
+        .await
+        .unwrap();
+    let jobs = JobManager::new(graph.clone());
+    let job = stream::start(
+        &jobs,
+        JobOptions::new("s"),
+        StreamParams::new(&nodes[3], Some(&nodes[1])),
+    )
+    .await
+    .unwrap();
+    guest_writes(&guest, &mut model, &mut rng, 24).await;
+    assert_eq!(job.wait_concluded().await, None, "seed {seed}");
+    assert_view(&guest, &model, seed).await;
+    drop(nodes);
+    close_all(&graph, vec![guest]).await;
+    assert_eq!(
+        chain_of(&paths[3]),
+        [paths[3].as_str(), &paths[1], &paths[0]]
+    );
+    for p in &paths {
+        qemu_img(&["check", p]);
+    }
+    assert_image(&dir, &paths[3], &model, seed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn intermediate_commit_on_qcow2_files() {
+    let seed = seed();
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let dir = TempDir::new("commit");
+    let names = ["base", "mid", "top"];
+    let (paths, mut model) = make_chain(
+        &dir,
+        &names,
+        &[
+            (0, 0, MIB, 0x11),
+            (1, 128 << 10, 512 << 10, 0x22),
+            (2, 0, 64 << 10, 0x33),
+        ],
+    );
+    let graph = Graph::new();
+    let nodes = open_chain(&graph, &names, &paths).await;
+    let guest = dcommon::root_on(&graph, "guest", &nodes[2], PermPair::writer())
+        .await
+        .unwrap();
+    let jobs = JobManager::new(graph.clone());
+    let params = CommitParams {
+        top: nodes[1].clone(),
+        base: nodes[0].clone(),
+        backing_file: None,
+        filter_node_name: None,
+    };
+    let job = commit::start(&jobs, JobOptions::new("c"), params)
+        .await
+        .unwrap();
+    guest_writes(&guest, &mut model, &mut rng, 24).await;
+    assert_eq!(job.wait_concluded().await, None, "seed {seed}");
+    assert_view(&guest, &model, seed).await;
+    drop(nodes);
+    close_all(&graph, vec![guest]).await;
+    assert_eq!(chain_of(&paths[2]), [paths[2].as_str(), &paths[0]]);
+    qemu_img(&["check", &paths[0]]);
+    assert_image(&dir, &paths[2], &model, seed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_commit_and_mirror_on_qcow2_files() {
+    let seed = seed();
+    let mut rng = SmallRng::seed_from_u64(seed);
+    // Active commit: the guest ends up on base.qcow2.
+    let dir = TempDir::new("active");
+    let names = ["base", "top"];
+    let (paths, mut model) = make_chain(
+        &dir,
+        &names,
+        &[(0, 0, MIB, 0x11), (1, 512 << 10, 128 << 10, 0x22)],
+    );
+    let graph = Graph::new();
+    let nodes = open_chain(&graph, &names, &paths).await;
+    let guest = dcommon::root_on(&graph, "guest", &nodes[1], PermPair::writer())
+        .await
+        .unwrap();
+    let jobs = JobManager::new(graph.clone());
+    let job = mirror::start_active_commit(&jobs, JobOptions::new("c"), &nodes[1], &nodes[0], None)
+        .await
+        .unwrap();
+    guest_writes(&guest, &mut model, &mut rng, 16).await;
+    job.wait_for(|s| s == JobStatus::Ready).await;
+    guest_writes(&guest, &mut model, &mut rng, 16).await;
+    job.complete().unwrap();
+    assert_eq!(job.wait_concluded().await, None, "seed {seed}");
+    assert!(Arc::ptr_eq(&guest.node(), &nodes[0]));
+    drop(nodes);
+    close_all(&graph, vec![guest]).await;
+    assert_image(&dir, &paths[0], &model, seed);
+
+    // Mirror to a fresh image: the guest ends up on target.qcow2.
+    let dir = TempDir::new("mirror");
+    let (paths, mut model) = make_chain(
+        &dir,
+        &["base", "top"],
+        &[(0, 0, MIB, 0x11), (1, 0, 256 << 10, 0x22)],
+    );
+    let target = dir.path("target.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", &target, "1M"]);
+    let graph = Graph::new();
+    let nodes = open_chain(&graph, &["base", "top"], &paths).await;
+    let w = graph.writer().await;
+    let t = dcommon::add(&w, json!({"driver": "qcow2", "node-name": "target", "file": {"driver": "file", "filename": target}})).await;
+    drop(w);
+    let guest = dcommon::root_on(&graph, "guest", &nodes[1], PermPair::writer())
+        .await
+        .unwrap();
+    let jobs = JobManager::new(graph.clone());
+    let job = mirror::start(
+        &jobs,
+        JobOptions::new("m"),
+        MirrorParams::new(&nodes[1], &t, SyncMode::Full),
+    )
+    .await
+    .unwrap();
+    guest_writes(&guest, &mut model, &mut rng, 16).await;
+    job.wait_for(|s| s == JobStatus::Ready).await;
+    guest_writes(&guest, &mut model, &mut rng, 16).await;
+    job.complete().unwrap();
+    assert_eq!(job.wait_concluded().await, None, "seed {seed}");
+    drop((nodes, t));
+    close_all(&graph, vec![guest]).await;
+    assert_image(&dir, &target, &model, seed);
+    assert_eq!(chain_of(&target), [target.as_str()]);
+}
+
+#[tokio::test]
+async fn backup_to_a_qcow2_file_is_point_in_time() {
+    let seed = seed();
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let dir = TempDir::new("backup");
+    let (paths, at_start) = make_chain(
+        &dir,
+        &["base", "top"],
+        &[(0, 0, MIB, 0x11), (1, 0, 256 << 10, 0x22)],
+    );
+    let target = dir.path("target.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", &target, "1M"]);
+    let graph = Graph::new();
+    let nodes = open_chain(&graph, &["base", "top"], &paths).await;
+    let w = graph.writer().await;
+    let t = dcommon::add(&w, json!({"driver": "qcow2", "node-name": "target", "file": {"driver": "file", "filename": target}})).await;
+    drop(w);
+    let guest = dcommon::root_on(&graph, "guest", &nodes[1], PermPair::writer())
+        .await
+        .unwrap();
+    let jobs = JobManager::new(graph.clone());
+    let job = backup::start(
+        &jobs,
+        JobOptions::new("b"),
+        BackupParams::new(&nodes[1], &t, SyncMode::Full),
+    )
+    .await
+    .unwrap();
+    job.pause().unwrap();
+    job.wait_for(|s| s == JobStatus::Paused).await;
+    let mut now = at_start.clone();
+    guest_writes(&guest, &mut now, &mut rng, 32).await;
+    job.resume().unwrap();
+    assert_eq!(job.wait_concluded().await, None, "seed {seed}");
+    drop((nodes, t));
+    close_all(&graph, vec![guest]).await;
+    assert_image(&dir, &target, &at_start, seed);
+    assert_image(&dir, &paths[1], &now, seed);
+}
