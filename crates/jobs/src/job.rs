@@ -30,8 +30,9 @@ use serde_json::{json, Value};
 use sluice_core::{Error, Graph, Result};
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 /// What a job does when an I/O request fails (QEMU's `BlockdevOnError`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -189,7 +190,8 @@ struct State {
     limit: RateLimit,
 }
 
-/// QEMU's `RateLimit`: a quota of bytes per 100 ms slice.
+/// QEMU's `RateLimit`: a quota of bytes per 100 ms slice (on tokio's
+/// clock, so tests can run it on virtual time).
 #[derive(Default)]
 struct RateLimit {
     slice_start: Option<Instant>,
@@ -199,7 +201,9 @@ struct RateLimit {
 const SLICE: Duration = Duration::from_millis(100);
 
 impl RateLimit {
-    /// How long to wait before sending `n` more bytes at `speed` bytes/s.
+    /// Accounts `n` bytes just sent and says how long to wait before
+    /// sending more at `speed` bytes/s: until the slice in which the
+    /// quota covers everything sent so far.
     fn delay(&mut self, speed: u64, n: u64) -> Duration {
         if speed == 0 {
             return Duration::ZERO;
@@ -207,21 +211,22 @@ impl RateLimit {
         let quota = (speed / 10).max(1);
         let now = Instant::now();
         let start = match self.slice_start {
-            Some(s) if now < s + SLICE => s,
+            Some(s) if self.dispatched > 0 || now < s + SLICE => s,
             _ => {
                 self.slice_start = Some(now);
                 self.dispatched = 0;
                 now
             }
         };
-        let delay = if self.dispatched >= quota {
-            let slices = (self.dispatched / quota) as u32;
-            (start + SLICE * slices).saturating_duration_since(now)
-        } else {
-            Duration::ZERO
-        };
         self.dispatched += n;
-        delay
+        let slices = (self.dispatched / quota) as u32;
+        let until = start + SLICE * slices;
+        if until <= now {
+            // Caught up: the next slice starts afresh.
+            self.slice_start = None;
+            self.dispatched = 0;
+        }
+        until.saturating_duration_since(now)
     }
 }
 

@@ -339,3 +339,123 @@ async fn backup_to_a_qcow2_file_is_point_in_time() {
     assert_image(&dir, &target, &at_start, seed);
     assert_image(&dir, &paths[1], &now, seed);
 }
+
+/// top.qcow2 ← blkdebug `dbg` ← mid.qcow2 (0x5A everywhere) ← base.qcow2.
+async fn open_with_blkdebug(graph: &Graph, paths: &[String], inject: Value) -> Arc<Node> {
+    let w = graph.writer().await;
+    dcommon::add(
+        &w,
+        json!({"driver": "qcow2", "node-name": "base", "backing": null,
+        "file": {"driver": "file", "filename": paths[0]}}),
+    )
+    .await;
+    dcommon::add(
+        &w,
+        json!({"driver": "qcow2", "node-name": "mid", "backing": "base",
+        "file": {"driver": "file", "filename": paths[1]}}),
+    )
+    .await;
+    dcommon::add(&w, json!({"driver": "qcow2", "node-name": "top",
+        "file": {"driver": "file", "filename": paths[2]},
+        "backing": {"driver": "blkdebug", "node-name": "dbg", "image": "mid", "inject-error": inject}})).await
+}
+
+#[tokio::test]
+async fn stream_cancelled_half_way_and_stopped_by_an_error_on_qcow2_files() {
+    use sluice_core::DebugEvent;
+    let names = ["base", "mid", "top"];
+    // Cancelled while its first copy is parked: chain unchanged, images clean.
+    let dir = TempDir::new("cancel");
+    let (paths, model) = make_chain(&dir, &names, &[(0, 0, MIB, 0x11), (1, 0, MIB, 0x5A)]);
+    let graph = Graph::new();
+    let top = open_with_blkdebug(&graph, &paths, json!([])).await;
+    let dbg = graph.node("dbg").unwrap();
+    let ctl = dbg.driver().debug_control().unwrap();
+    ctl.set_breakpoint(DebugEvent::ReadBackingAio, "A").unwrap();
+    let jobs = JobManager::new(graph.clone());
+    let job = stream::start(&jobs, JobOptions::new("s"), StreamParams::new(&top, None))
+        .await
+        .unwrap();
+    ctl.wait_suspended("A").await;
+    job.cancel(true).await.unwrap();
+    ctl.resume("A").unwrap();
+    assert_eq!(
+        job.wait_concluded().await.as_deref(),
+        Some("Operation canceled")
+    );
+    drop((top, dbg));
+    close_all(&graph, vec![]).await;
+    assert_eq!(
+        chain_of(&paths[2]),
+        [paths[2].as_str(), &paths[1], &paths[0]]
+    );
+    assert_image(&dir, &paths[2], &model, 0);
+
+    // A read error with on-error=stop, then resume: the whole chain is
+    // streamed and top stands alone.
+    let dir = TempDir::new("stop");
+    let (paths, model) = make_chain(
+        &dir,
+        &names,
+        &[(0, 0, MIB, 0x11), (1, 256 << 10, 256 << 10, 0x5A)],
+    );
+    let graph = Graph::new();
+    let top = open_with_blkdebug(
+        &graph,
+        &paths,
+        json!([{"event": "read_backing_aio", "errno": 5, "once": true}]),
+    )
+    .await;
+    let jobs = JobManager::new(graph.clone());
+    let mut o = JobOptions::new("s");
+    o.on_error = sluice_jobs::OnError::Stop;
+    let job = stream::start(&jobs, o, StreamParams::new(&top, None))
+        .await
+        .unwrap();
+    job.wait_for(|s| s == JobStatus::Paused).await;
+    job.resume().unwrap();
+    assert_eq!(job.wait_concluded().await, None);
+    drop(top);
+    close_all(&graph, vec![]).await;
+    assert_eq!(chain_of(&paths[2]), [paths[2].as_str()]);
+    assert_image(&dir, &paths[2], &model, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirror_soft_cancel_after_ready_on_qcow2_files() {
+    let seed = seed();
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let dir = TempDir::new("softcancel");
+    let (paths, mut model) = make_chain(
+        &dir,
+        &["base", "top"],
+        &[(0, 0, MIB, 0x11), (1, 0, 128 << 10, 0x22)],
+    );
+    let target = dir.path("target.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", &target, "1M"]);
+    let graph = Graph::new();
+    let nodes = open_chain(&graph, &["base", "top"], &paths).await;
+    let w = graph.writer().await;
+    let t = dcommon::add(&w, json!({"driver": "qcow2", "node-name": "target", "file": {"driver": "file", "filename": target}})).await;
+    drop(w);
+    let guest = dcommon::root_on(&graph, "guest", &nodes[1], PermPair::writer())
+        .await
+        .unwrap();
+    let jobs = JobManager::new(graph.clone());
+    let job = mirror::start(
+        &jobs,
+        JobOptions::new("m"),
+        MirrorParams::new(&nodes[1], &t, SyncMode::Full),
+    )
+    .await
+    .unwrap();
+    job.wait_for(|s| s == JobStatus::Ready).await;
+    guest_writes(&guest, &mut model, &mut rng, 24).await;
+    job.cancel(false).await.unwrap();
+    assert_eq!(job.wait_concluded().await, None, "seed {seed}");
+    assert!(Arc::ptr_eq(&guest.node(), &nodes[1]), "no pivot");
+    drop((nodes, t));
+    close_all(&graph, vec![guest]).await;
+    assert_image(&dir, &target, &model, seed);
+    assert_image(&dir, &paths[1], &model, seed);
+}

@@ -436,3 +436,32 @@ async fn intermediate_commit_while_the_guest_writes() {
         "top's data is not"
     );
 }
+
+/// `speed` holds a stream to its rate: on tokio's virtual clock, the
+/// first 512 KiB step at 256 KiB/s costs two seconds before the next,
+/// and without a limit no time passes at all.
+#[tokio::test(start_paused = true)]
+async fn speed_limits_the_rate_on_virtual_time() {
+    for (speed, slow) in [(256u64 << 10, true), (0, false)] {
+        let graph = Graph::new();
+        let [base, top] = memory_chain(&graph, ["base", "top"]).await;
+        fill(&graph, &base, 0, MIB as usize, 0x11).await;
+        let jobs = JobManager::new(graph.clone());
+        let mut o = JobOptions::new("s");
+        o.speed = speed;
+        let t0 = tokio::time::Instant::now();
+        let job = stream::start(&jobs, o, StreamParams::new(&top, None))
+            .await
+            .unwrap();
+        assert_eq!(job.wait_concluded().await, None);
+        let took = t0.elapsed();
+        if slow {
+            assert!(took >= std::time::Duration::from_millis(1900), "took {took:?}");
+        } else {
+            assert!(
+                took < std::time::Duration::from_millis(100),
+                "took {took:?}"
+            );
+        }
+    }
+}
