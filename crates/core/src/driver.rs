@@ -265,6 +265,19 @@ pub trait BlockDriver: Send + Sync + 'static {
 
     async fn flush(&self, node: &Node) -> Result<()>;
 
+    /// Writes one whole cluster compressed (QEMU's
+    /// `bdrv_co_pwritev_compressed`, what `qemu-img convert -c` uses):
+    /// `offset` is cluster aligned and `data` one cluster, or less for
+    /// the last cluster of the disk. Only formats with compressed
+    /// clusters (qcow2) can; the default says so.
+    async fn write_compressed(&self, node: &Node, _offset: u64, _data: IoBytes) -> Result<()> {
+        Err(Error::NotSupported {
+            node: node.name().to_string(),
+            driver: self.driver_name(),
+            what: "compressed writes",
+        })
+    }
+
     /// What this layer knows about `[offset, offset + len)`; the answer may
     /// cover less than `len` but at least one byte.
     async fn block_status(&self, node: &Node, offset: u64, len: u64) -> Result<DriverStatus>;

@@ -102,40 +102,19 @@ fn string(key: &str, v: Value) -> Result<String> {
     }
 }
 
-/// A size as `qemu-img create -o` takes it (`qemu_strtosz`): a decimal
-/// number with an optional fraction and a binary suffix, or a JSON
-/// number.
+/// A size as `qemu-img create -o` takes it
+/// ([`crate::options::parse_size`]), or a JSON number.
 fn size(key: &str, v: Value) -> Result<u64> {
     let bad = || {
         err(format!(
             "Parameter '{key}' expects a non-negative number below 2^64"
         ))
     };
-    let s = match v {
-        Value::Number(n) => return n.as_u64().ok_or_else(bad),
-        Value::String(s) => s,
-        _ => return Err(bad()),
-    };
-    let s = s.trim();
-    let (num, shift) = match s.chars().last().map(|c| c.to_ascii_uppercase()) {
-        Some(c @ ('B' | 'K' | 'M' | 'G' | 'T' | 'P' | 'E')) => {
-            let shift = "BKMGTPE".find(c).expect("listed") as u32 * 10;
-            (&s[..s.len() - 1], shift)
-        }
-        _ => (s, 0),
-    };
-    if num.is_empty() || !num.chars().all(|c| c.is_ascii_digit() || c == '.') {
-        return Err(bad());
+    match v {
+        Value::Number(n) => n.as_u64().ok_or_else(bad),
+        Value::String(s) => crate::options::parse_size(&s).ok_or_else(bad),
+        _ => Err(bad()),
     }
-    if let Ok(n) = num.parse::<u64>() {
-        return n.checked_mul(1u64 << shift).ok_or_else(bad);
-    }
-    let f: f64 = num.parse().map_err(|_| bad())?;
-    let v = f * (1u64 << shift) as f64;
-    if !(0.0..18446744073709550000.0).contains(&v) {
-        return Err(bad());
-    }
-    Ok(v as u64)
 }
 
 fn number(key: &str, v: Value) -> Result<u64> {
@@ -150,11 +129,7 @@ fn number(key: &str, v: Value) -> Result<u64> {
 fn boolean(key: &str, v: Value) -> Result<bool> {
     match v {
         Value::Bool(b) => Some(b),
-        Value::String(s) => match s.as_str() {
-            "on" | "true" | "yes" => Some(true),
-            "off" | "false" | "no" => Some(false),
-            _ => None,
-        },
+        Value::String(s) => crate::options::parse_bool(&s),
         _ => None,
     }
     .ok_or_else(|| err(format!("Parameter '{key}' expects 'on' or 'off'")))
@@ -526,7 +501,7 @@ pub async fn create(file: &Arc<Node>, opts: &CreateOptions) -> Result<()> {
 }
 
 /// Truncates `file` through its driver and records the new size.
-async fn truncate_file(file: &Node, len: u64, prealloc: &str) -> Result<()> {
+pub(crate) async fn truncate_file(file: &Node, len: u64, prealloc: &str) -> Result<()> {
     file.driver().truncate(file, len, prealloc).await?;
     file.set_size(len);
     Ok(())

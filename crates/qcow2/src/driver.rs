@@ -624,6 +624,10 @@ impl BlockDriver for Qcow2Driver {
         crate::resize::truncate(self, node, size, prealloc).await
     }
 
+    async fn write_compressed(&self, node: &Node, offset: u64, data: IoBytes) -> Result<()> {
+        Qcow2Driver::write_compressed(self, node, offset, &data).await
+    }
+
     async fn change_backing_file(
         &self,
         node: &Node,

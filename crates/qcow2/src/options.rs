@@ -47,30 +47,52 @@ fn as_u64(key: &str, v: Value) -> Result<u64> {
     }
 }
 
-/// A size as QEMU's keyval accepts it: a number with an optional
-/// `k`/`M`/`G`/`T` suffix (powers of 1024).
-fn parse_size(s: &str) -> Option<u64> {
+/// A size as QEMU's `qemu_strtosz` reads it (for `-o` options and
+/// keyval alike): a decimal number with an optional fraction and an
+/// optional binary suffix `B`, `K`, `M`, `G`, `T`, `P` or `E` (either
+/// case). `None` when it is not one or does not fit in 64 bits.
+pub(crate) fn parse_size(s: &str) -> Option<u64> {
     let s = s.trim();
-    let (num, mult) = match s.chars().last()? {
-        'k' | 'K' => (&s[..s.len() - 1], 1u64 << 10),
-        'm' | 'M' => (&s[..s.len() - 1], 1 << 20),
-        'g' | 'G' => (&s[..s.len() - 1], 1 << 30),
-        't' | 'T' => (&s[..s.len() - 1], 1 << 40),
-        'b' | 'B' => (&s[..s.len() - 1], 1),
-        _ => (s, 1),
+    let (num, shift) = match s.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some(c @ ('B' | 'K' | 'M' | 'G' | 'T' | 'P' | 'E')) => {
+            let shift = "BKMGTPE".find(c).expect("listed") as u32 * 10;
+            (&s[..s.len() - 1], shift)
+        }
+        _ => (s, 0),
     };
-    num.trim().parse::<u64>().ok()?.checked_mul(mult)
+    if num.is_empty() || !num.chars().all(|c| c.is_ascii_digit() || c == '.') {
+        return None;
+    }
+    if let Ok(n) = num.parse::<u64>() {
+        return n.checked_mul(1u64 << shift);
+    }
+    let f: f64 = num.parse().ok()?;
+    let v = f * (1u64 << shift) as f64;
+    (0.0..18446744073709550000.0)
+        .contains(&v)
+        .then_some(v as u64)
+}
+
+/// QEMU's spellings of a boolean option value.
+pub(crate) fn parse_bool(s: &str) -> Option<bool> {
+    match s {
+        "on" | "true" | "yes" => Some(true),
+        "off" | "false" | "no" => Some(false),
+        _ => None,
+    }
 }
 
 fn as_bool(key: &str, v: Value) -> Result<bool> {
-    match v {
-        Value::Bool(b) => Ok(b),
-        Value::String(s) if matches!(s.as_str(), "on" | "true" | "yes") => Ok(true),
-        Value::String(s) if matches!(s.as_str(), "off" | "false" | "no") => Ok(false),
-        other => Err(err(format!(
-            "Invalid parameter type for '{key}', expected: boolean, got {other}"
-        ))),
-    }
+    let b = match &v {
+        Value::Bool(b) => Some(*b),
+        Value::String(s) => parse_bool(s),
+        _ => None,
+    };
+    b.ok_or_else(|| {
+        err(format!(
+            "Invalid parameter type for '{key}', expected: boolean, got {v}"
+        ))
+    })
 }
 
 impl Qcow2Options {
@@ -186,6 +208,22 @@ mod tests {
         assert!(tables as u64 * 8192 * 65536 >= 8 << 30);
         let tables = o.l2_cache_tables(1 << 40, 65536, 8).unwrap();
         assert_eq!(tables as u64 * 65536, DEFAULT_L2_CACHE_MAX);
+    }
+
+    #[test]
+    fn sizes_and_booleans_as_qemu_spells_them() {
+        assert_eq!(parse_size("64k"), Some(64 << 10));
+        assert_eq!(parse_size(" 2M "), Some(2 << 20));
+        assert_eq!(parse_size("1.5G"), Some(3 << 29));
+        assert_eq!(parse_size("512b"), Some(512));
+        assert_eq!(parse_size("1E"), Some(1 << 60));
+        assert_eq!(parse_size("16E"), None);
+        assert_eq!(parse_size("-1"), None);
+        assert_eq!(parse_size("M"), None);
+        assert_eq!(parse_size("1x"), None);
+        assert_eq!(parse_bool("on"), Some(true));
+        assert_eq!(parse_bool("no"), Some(false));
+        assert_eq!(parse_bool("1"), None);
     }
 
     #[test]

@@ -2,12 +2,21 @@
 //! resize`, `block_resize`).
 //!
 //! Growing needs more L1 entries only every `cluster_size * l2_entries`
-//! bytes of disk; the L1 table owns whole clusters, so it first grows in
+//! bytes of disk. The L1 table owns whole clusters, so it first grows in
 //! place, into the unused rest of its last cluster: the new entries are
-//! zeroed and flushed before one header write (virtual size and L1 size
-//! together, bytes 24..40) publishes them. An L1 table that must move
-//! is refused for now: moving it needs clusters allocated through the
-//! write side's refcount state, which offers no hook for it yet.
+//! zeroed and flushed before one header write (virtual size, L1 size and
+//! offset together, bytes 24..48) publishes them. When that room is too
+//! small the table moves ([`crate::write::Writer::move_l1`]): a new
+//! contiguous table is allocated through the write side's allocator,
+//! written and flushed with its refcounts, published by the same single
+//! header write, and only then is the old table freed. A crash at any
+//! point leaves the old or the new size, each with a valid table, and
+//! at worst leaked clusters.
+//!
+//! With `preallocation=metadata`, `falloc` or `full` the new area's
+//! whole clusters get L2 tables and data clusters at the end of the
+//! file, which the file driver extends over them (sparse, `fallocate`d
+//! or written with zeroes: the file's own preallocation), as QEMU does.
 //!
 //! Shrinking refuses when any cluster past the new end is allocated
 //! (data, compressed or zero), naming the first one; otherwise only the
@@ -33,9 +42,6 @@ fn invalid(node: &Node, reason: String) -> Error {
         reason,
     }
 }
-
-/// Chunk of zeroes written per request for `preallocation=full`.
-const ZERO_CHUNK: u64 = 1 << 20;
 
 pub async fn truncate(d: &Qcow2Driver, node: &Node, size: u64, prealloc: &str) -> Result<()> {
     if node.is_read_only() {
@@ -93,16 +99,9 @@ pub async fn truncate(d: &Qcow2Driver, node: &Node, size: u64, prealloc: &str) -
         // Dirty L2 tables and refcounts reach the file before the header
         // changes.
         d.flush(node).await?;
-        write_size(d, &file, &h, size, h.l1_size).await?;
+        write_header_size(d, &file, size, h.l1_size, h.l1_table_offset).await?;
         node.set_size(size);
         return Ok(());
-    }
-    if prealloc == "metadata" {
-        return Err(Error::NotSupported {
-            node: node.name().to_string(),
-            driver: "qcow2",
-            what: "growing a qcow2 image with preallocation=metadata",
-        });
     }
     let needed = h.l1_entries_for(size);
     if needed * 8 > MAX_L1_BYTES {
@@ -111,6 +110,13 @@ pub async fn truncate(d: &Qcow2Driver, node: &Node, size: u64, prealloc: &str) -
             format!("The image size {size} is too large for file format 'qcow2' (its L1 table would exceed {MAX_L1_BYTES} bytes)"),
         ));
     }
+    let Some(writer) = d.writer.as_ref() else {
+        return Err(Error::NotSupported {
+            node: node.name().to_string(),
+            driver: "qcow2",
+            what: "resizing a read-only qcow2 node",
+        });
+    };
     let cs = h.cluster_size();
     let l1_size = u64::from(h.l1_size);
     let capacity = if l1_size == 0 {
@@ -118,36 +124,53 @@ pub async fn truncate(d: &Qcow2Driver, node: &Node, size: u64, prealloc: &str) -
     } else {
         (l1_size * 8).div_ceil(cs) * cs / 8
     };
-    if needed > capacity {
-        return Err(Error::NotSupported {
-            node: node.name().to_string(),
-            driver: "qcow2",
-            what: "growing a qcow2 image past what its L1 table's clusters map (moving the L1 table is not implemented yet)",
-        });
-    }
     d.flush(node).await?;
-    let new_l1 = l1_size.max(needed);
-    if new_l1 > l1_size {
-        // The new entries are zero on disk before the header counts them.
-        let start = h.l1_table_offset + l1_size * 8;
-        let zeroes = vec![0u8; ((new_l1 - l1_size) * 8) as usize];
-        crate::write::grow(&file, start + zeroes.len() as u64);
-        file.write(start, IoBytes::copy_from(&zeroes), WriteFlags::default())
-            .await?;
-        file.flush().await?;
-        d.l1.write().resize(new_l1 as usize, 0);
+    if needed > capacity {
+        writer.move_l1(d, &file, needed, size).await?;
+    } else {
+        let new_l1 = l1_size.max(needed);
+        if new_l1 > l1_size {
+            // The new entries are zero on disk before the header counts them.
+            let start = h.l1_table_offset + l1_size * 8;
+            let zeroes = vec![0u8; ((new_l1 - l1_size) * 8) as usize];
+            crate::write::grow(&file, start + zeroes.len() as u64);
+            file.write(start, IoBytes::copy_from(&zeroes), WriteFlags::default())
+                .await?;
+            file.flush().await?;
+            d.l1.write().resize(new_l1 as usize, 0);
+        }
+        write_header_size(d, &file, size, new_l1 as u32, h.l1_table_offset).await?;
     }
-    write_size(d, &file, &h, size, new_l1 as u32).await?;
     // The write side bounds copy-on-write by the node's size, which the
     // caller would only set on return: the new area is written below.
     node.set_size(size);
     // The new area must read as zeroes: a larger backing file would show
-    // through it, and preallocation wants it allocated.
+    // through it. With preallocation its whole clusters are allocated
+    // (and read as zeroes); only the partial cluster at the old end is
+    // left to zero.
     let backing_shows = node.child(Role::Backing).is_some_and(|b| b.size() > old);
-    if prealloc == "off" && !backing_shows {
-        return Ok(());
+    let first_whole = old.next_multiple_of(cs);
+    let zero_end = if prealloc == "off" {
+        size
+    } else {
+        first_whole.min(size)
+    };
+    if backing_shows && old < zero_end {
+        d.write_zeroes(node, old, zero_end - old, ZeroFlags::default())
+            .await?;
     }
-    fill_new_area(d, node, old, size, prealloc).await
+    if prealloc != "off" && first_whole < size {
+        // The file's own preallocation fills the data clusters.
+        let file_prealloc = if prealloc == "metadata" {
+            "off"
+        } else {
+            prealloc
+        };
+        writer
+            .preallocate(d, node, first_whole, size, file_prealloc)
+            .await?;
+    }
+    d.flush(node).await
 }
 
 /// Fails with the first guest offset in `[new, old)` whose cluster is
@@ -181,58 +204,30 @@ async fn check_nothing_past(
     Ok(())
 }
 
-/// Publishes the new virtual size and L1 size in one header write, then
-/// flushes; the in-memory header follows.
-async fn write_size(
+/// Publishes the virtual size, the L1 table's size and its offset in
+/// one header write (bytes 24..48, inside one sector: all or nothing),
+/// then flushes; the in-memory header follows.
+pub(crate) async fn write_header_size(
     d: &Qcow2Driver,
     file: &Node,
-    h: &Header,
     size: u64,
     l1_size: u32,
+    l1_offset: u64,
 ) -> Result<()> {
-    let mut bytes = [0u8; 16];
+    let h = d.header().clone();
+    let mut bytes = [0u8; 24];
     bytes[..8].copy_from_slice(&size.to_be_bytes());
     bytes[8..12].copy_from_slice(&h.crypt_method.to_be_bytes());
-    bytes[12..].copy_from_slice(&l1_size.to_be_bytes());
+    bytes[12..16].copy_from_slice(&l1_size.to_be_bytes());
+    bytes[16..].copy_from_slice(&l1_offset.to_be_bytes());
     file.write(24, IoBytes::copy_from(&bytes), WriteFlags::default())
         .await?;
     file.flush().await?;
     d.set_header(Header {
         size,
         l1_size,
-        ..d.header().clone()
+        l1_table_offset: l1_offset,
+        ..h
     });
     Ok(())
-}
-
-/// Makes `[old, new)` read as zeroes through the write side: zero
-/// clusters where nothing is preallocated, written zeroes for
-/// `falloc`/`full` (QEMU allocates there too); flushed, as the header
-/// change is.
-async fn fill_new_area(
-    d: &Qcow2Driver,
-    node: &Node,
-    old: u64,
-    new: u64,
-    prealloc: &str,
-) -> Result<()> {
-    if prealloc == "off" {
-        d.write_zeroes(node, old, new - old, ZeroFlags::default())
-            .await?;
-        return d.flush(node).await;
-    }
-    let mut pos = old;
-    let zeroes = IoBytes::copy_from(&vec![0u8; ZERO_CHUNK as usize]);
-    while pos < new {
-        let n = ZERO_CHUNK.min(new - pos);
-        d.write(
-            node,
-            pos,
-            zeroes.slice(0..n as usize),
-            WriteFlags::default(),
-        )
-        .await?;
-        pos += n;
-    }
-    d.flush(node).await
 }

@@ -50,6 +50,16 @@
 //! `data_file_raw`, write-zeroes also zero the data file and discard
 //! does nothing, so the data file stays a raw image of the disk.
 //!
+//! Compressed clusters are packed byte by byte into host clusters
+//! (`alloc_bytes`, QEMU's `qcow2_alloc_bytes`): a host cluster holds a
+//! reference per compressed cluster whose bytes touch it, and packing
+//! resumes only in a cluster that still has one. Their entries are
+//! published like new clusters' (rule 2).
+//!
+//! Resizing moves the active L1 table when it outgrows its clusters
+//! (`move_l1`): the new table and its refcounts are durable before the
+//! header points at it, and the header before the old table is freed.
+//!
 //! New clusters are taken from free clusters inside the file (searched
 //! from a cursor, as QEMU does) or from its end. A freed cluster is
 //! reusable only once the L2 update that stopped using it is durable
@@ -169,6 +179,20 @@ impl Drop for InflightGuard<'_> {
     }
 }
 
+/// The bytes allocated for one compressed cluster, not yet published
+/// ([`Writer::alloc_compressed`]): the guest cluster stays in flight
+/// (other requests touching it wait) until
+/// [`Writer::publish_compressed`]; dropped unpublished, the bytes only
+/// leak.
+pub(crate) struct CompressedSlot<'a> {
+    /// Where the compressed stream goes in the image file.
+    pub(crate) host: u64,
+    l2_off: u64,
+    idx: usize,
+    old: L2Entry,
+    _guard: InflightGuard<'a>,
+}
+
 /// One cluster's part of an allocating write.
 enum Piece {
     /// A cluster this image alone owns: written in place.
@@ -219,6 +243,11 @@ struct State {
     lazy: bool,
     /// Whether the header's dirty bit is set (by this writer).
     dirty: bool,
+    /// Where the next compressed cluster's bytes go: the first unused
+    /// byte of the host cluster compressed data was last packed into
+    /// (QEMU's `free_byte_offset`); 0 when there is none. Only used while
+    /// that cluster keeps a reference.
+    free_byte: u64,
 }
 
 /// The refcount at entry `idx` of a block with `1 << order`-bit entries.
@@ -304,6 +333,7 @@ impl Writer {
                 max_blocks: (refcount_cache.unwrap_or(DEFAULT_REFCOUNT_CACHE) / cs).max(2) as usize,
                 lazy,
                 dirty: h.is_dirty(),
+                free_byte: 0,
             }),
         })
     }
@@ -701,6 +731,13 @@ impl Writer {
                 return Ok(c);
             }
         }
+        Self::alloc_end(d, file, st).await
+    }
+
+    /// Allocates one cluster (refcount 1) at the end of the file: it
+    /// reads as zeroes until written.
+    async fn alloc_end(d: &Qcow2Driver, file: &Node, st: &mut State) -> Result<u64> {
+        let cs = d.header().cluster_size();
         loop {
             let off = st.next_free;
             Self::ensure_block(d, file, st, off).await?;
@@ -791,6 +828,11 @@ impl Writer {
             Self::set_refcount(d, file, st, off, rc - 1).await?;
             if rc == 1 && off < st.free_cursor {
                 st.free_cursor = off;
+            }
+            // A free cluster may be reused whole: compressed data is no
+            // longer packed into it.
+            if rc == 1 && st.free_byte >> cb == c {
+                st.free_byte = 0;
             }
         }
         Ok(())
@@ -1407,6 +1449,287 @@ impl Writer {
         Self::set_l2_entry(d, file, st, l2_off, idx, new_entry).await?;
         Self::release(d, entry, d.header().cluster_size(), to_free);
         Ok(())
+    }
+
+    /// The largest refcount an entry of this image holds.
+    fn refcount_max(d: &Qcow2Driver) -> u64 {
+        match d.header().refcount_order {
+            o if o >= 6 => u64::MAX,
+            o => (1u64 << (1u32 << o)) - 1,
+        }
+    }
+
+    /// Allocates `size` bytes (at most a cluster) for compressed data
+    /// (QEMU's `qcow2_alloc_bytes`): right after the bytes packed last,
+    /// when they fit in the rest of that host cluster or run on into a
+    /// new cluster that follows it; else at the start of a new cluster.
+    /// Every host cluster the bytes touch gains one reference, so a
+    /// host cluster's refcount is the number of compressed clusters in
+    /// it, and it is free once they all are.
+    async fn alloc_bytes(d: &Qcow2Driver, file: &Node, st: &mut State, size: u64) -> Result<u64> {
+        let cs = d.header().cluster_size();
+        if size == 0 || size > cs {
+            return Err(Error::Other(format!(
+                "{}: internal error: {size} bytes of compressed data for {cs}-byte clusters",
+                d.name()
+            )));
+        }
+        file.debug_event(DebugEvent::ClusterAllocBytes).await;
+        let mut off = st.free_byte;
+        if off != 0 {
+            let rc = Self::refcount(d, file, st, off).await?;
+            if rc == 0 || rc >= Self::refcount_max(d) {
+                off = 0;
+            }
+        }
+        let start = if off != 0 && cs - off % cs >= size {
+            off
+        } else {
+            let new = Self::alloc(d, file, st).await?;
+            // Freeing (of quarantined clusters) may have emptied the old
+            // cluster meanwhile: then nothing is packed into it.
+            if off != 0 && st.free_byte == off && new == off.next_multiple_of(cs) {
+                off
+            } else {
+                new
+            }
+        };
+        if off != 0 && start == off {
+            // Read again: freeing during `alloc` may have changed it.
+            let rc = Self::refcount(d, file, st, off).await?;
+            Self::set_refcount(d, file, st, off, rc + 1).await?;
+        }
+        st.free_byte = if (start + size).is_multiple_of(cs) {
+            0
+        } else {
+            start + size
+        };
+        grow(file, start + size);
+        Ok(start)
+    }
+
+    /// Allocates `n` contiguous clusters (refcount 1 each) at the end of
+    /// the file.
+    async fn alloc_run(d: &Qcow2Driver, file: &Node, st: &mut State, n: u64) -> Result<u64> {
+        let cs = d.header().cluster_size();
+        Self::release_quarantine(d, file, st).await?;
+        let mut run: Vec<u64> = Vec::new();
+        let mut gave_back = u64::MAX;
+        while (run.len() as u64) < n.max(1) {
+            let c = Self::alloc_end(d, file, st).await?;
+            if run.last().is_some_and(|&l| c != l + cs) {
+                // A refcount block (or a moved refcount table) came in
+                // between: the run starts over after it, and what it
+                // held is free again (nothing points at it).
+                for r in run.drain(..) {
+                    Self::set_refcount(d, file, st, r, 0).await?;
+                    gave_back = gave_back.min(r);
+                }
+            }
+            run.push(c);
+        }
+        st.free_cursor = st.free_cursor.min(gave_back);
+        Ok(run[0])
+    }
+
+    /// Allocates `len` bytes for the compressed stream of the guest
+    /// cluster at `guest`, which must have no host cluster yet (QEMU:
+    /// "Compression can't overwrite anything"; unallocated, or zero
+    /// without preallocation). Write the stream at the slot's `host`,
+    /// then [`Writer::publish_compressed`] it.
+    pub(crate) async fn alloc_compressed(
+        &self,
+        d: &Qcow2Driver,
+        node: &Node,
+        guest: u64,
+        len: u64,
+    ) -> Result<CompressedSlot<'_>> {
+        let file = d.file(node)?;
+        let cs = d.header().cluster_size();
+        let mut st = self.lock_range(guest, cs, cs).await;
+        Self::prepare(d, &file, &mut st).await?;
+        self.prepared.store(true, SeqCst);
+        let (l2_off, idx) = Self::l2_for_write(d, &file, &mut st, guest).await?;
+        let step = if d.layout().extended_l2 { 2 } else { 1 };
+        let word = d.l2_table(&file, l2_off).await?[step * idx];
+        let old = Self::decode(d, word, guest)?;
+        if !matches!(old, L2Entry::Unallocated | L2Entry::Zero { host: None }) {
+            return Err(Error::InvalidRequest {
+                node: node.name().to_string(),
+                reason: format!(
+                    "Compression can't overwrite anything: the cluster at guest offset {guest:#x} is already allocated"
+                ),
+            });
+        }
+        let host = Self::alloc_bytes(d, &file, &mut st, len).await?;
+        self.inflight.lock().insert(guest);
+        Ok(CompressedSlot {
+            host,
+            l2_off,
+            idx,
+            old,
+            _guard: InflightGuard {
+                w: self,
+                guests: vec![guest],
+            },
+        })
+    }
+
+    /// Publishes a compressed cluster whose stream is written: its L2
+    /// entry becomes `entry` (with an empty subcluster bitmap where
+    /// entries are extended) in the cached table, which is written back
+    /// only after the refcounts and the stream are flushed (rule 2), so
+    /// the entry never points at unwritten or unreferenced bytes.
+    pub(crate) async fn publish_compressed(
+        &self,
+        d: &Qcow2Driver,
+        file: &Node,
+        slot: CompressedSlot<'_>,
+        entry: u64,
+    ) -> Result<()> {
+        let mut st = self.state.lock().await;
+        let pending = vec![Pending {
+            l2_off: slot.l2_off,
+            idx: slot.idx,
+            entry,
+            bitmap: d.layout().extended_l2.then_some(0),
+            old: slot.old,
+        }];
+        let mut to_free = Vec::new();
+        let res = Self::publish(d, file, &mut st, pending, &mut to_free).await;
+        drop(slot);
+        res?;
+        Self::free_all(d, file, &mut st, to_free).await
+    }
+
+    /// Moves the active L1 table to new contiguous clusters, grown to
+    /// `new_len` entries, and publishes it and the virtual size `size`
+    /// in one header write ([`crate::resize::write_header_size`]). The
+    /// new table and its refcounts are durable before the header points
+    /// at it; the old table is freed only once the header is durable (a
+    /// crash in between leaks it, nothing worse). The node is drained.
+    pub(crate) async fn move_l1(
+        &self,
+        d: &Qcow2Driver,
+        file: &Node,
+        new_len: u64,
+        size: u64,
+    ) -> Result<()> {
+        let mut st = self.state.lock().await;
+        let h = d.header().clone();
+        let cs = h.cluster_size();
+        let clusters = (new_len * 8).div_ceil(cs);
+        file.debug_event(DebugEvent::L1GrowAllocTable).await;
+        let new_off = Self::alloc_run(d, file, &mut st, clusters).await?;
+        let mut table = d.l1.read().clone();
+        table.resize(new_len as usize, 0);
+        let mut raw = vec![0u8; (clusters * cs) as usize];
+        for (chunk, e) in raw.chunks_exact_mut(8).zip(&table) {
+            chunk.copy_from_slice(&e.to_be_bytes());
+        }
+        file.debug_event(DebugEvent::L1GrowWriteTable).await;
+        grow(file, new_off + clusters * cs);
+        file.write(new_off, IoBytes::copy_from(&raw), WriteFlags::default())
+            .await?;
+        Self::write_refblocks(d, file, &mut st).await?;
+        file.flush().await?;
+        file.debug_event(DebugEvent::L1GrowActivateTable).await;
+        crate::resize::write_header_size(d, file, size, new_len as u32, new_off).await?;
+        *d.l1.write() = table;
+        if h.l1_size > 0 {
+            Self::drop_refs(
+                d,
+                file,
+                &mut st,
+                h.l1_table_offset,
+                u64::from(h.l1_size) * 8,
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Preallocates every guest cluster of `[start, end)` (`start`
+    /// cluster aligned) that has no host cluster (QEMU's
+    /// `preallocate_co`), one L2 table at a time: the table, then data
+    /// clusters one after another at the end of the file, which is
+    /// extended over them with the file driver's `file_prealloc` (`off`:
+    /// sparse; `falloc`; `full`) before the entries map them, so they
+    /// read as zeroes and never lie past the end of the file. The entries
+    /// are published as new clusters are (rule 2). The node is drained.
+    pub(crate) async fn preallocate(
+        &self,
+        d: &Qcow2Driver,
+        node: &Node,
+        start: u64,
+        end: u64,
+        file_prealloc: &str,
+    ) -> Result<()> {
+        let file = d.file(node)?;
+        let cs = d.header().cluster_size();
+        let span = cs << d.header().l2_bits();
+        let ext = d.layout().extended_l2;
+        let mut st = self.state.lock().await;
+        Self::prepare(d, &file, &mut st).await?;
+        self.prepared.store(true, SeqCst);
+        let mut to_free = Vec::new();
+        let mut g = start;
+        while g < end {
+            let table_end = ((g / span + 1) * span).min(end);
+            let mut pending = Vec::new();
+            let mut runs: Vec<(u64, u64)> = Vec::new();
+            while g < table_end {
+                let (l2_off, idx) = Self::l2_for_write(d, &file, &mut st, g).await?;
+                let word = d.l2_table(&file, l2_off).await?[if ext { 2 * idx } else { idx }];
+                let old = Self::decode(d, word, g)?;
+                if matches!(old, L2Entry::Unallocated | L2Entry::Zero { host: None }) {
+                    let host = Self::alloc_end(d, &file, &mut st).await?;
+                    match runs.last_mut() {
+                        Some((s, n)) if *s + *n == host => *n += cs,
+                        _ => runs.push((host, cs)),
+                    }
+                    pending.push(Pending {
+                        l2_off,
+                        idx,
+                        entry: host | COPIED,
+                        bitmap: ext.then_some(0xffff_ffff),
+                        old,
+                    });
+                }
+                g += cs;
+            }
+            Self::extend_over(&file, &runs, file_prealloc).await?;
+            Self::publish(d, &file, &mut st, pending, &mut to_free).await?;
+        }
+        Self::free_all(d, &file, &mut st, to_free).await?;
+        Self::write_back(d, &file, &mut st, true).await
+    }
+
+    /// Makes the new, never written clusters `runs` (offset, length) part
+    /// of the file, preallocated as `file_prealloc` says: the file is
+    /// extended over the last; runs that a refcount block written after
+    /// them left inside the file are holes, preallocated in place.
+    async fn extend_over(file: &Node, runs: &[(u64, u64)], file_prealloc: &str) -> Result<()> {
+        let file_end = file.size();
+        if file_prealloc != "off" {
+            for &(s, n) in runs.iter().filter(|&&(s, _)| s < file_end) {
+                file.write_zeroes(s, n.min(file_end - s), ZeroFlags::default())
+                    .await?;
+            }
+        }
+        let data_end = runs.last().map_or(0, |&(s, n)| s + n);
+        if data_end <= file_end {
+            return Ok(());
+        }
+        match crate::create::truncate_file(file, data_end, file_prealloc).await {
+            // A protocol that cannot resize grows as it is written.
+            Err(Error::NotSupported { .. }) if file_prealloc == "off" => {
+                let (s, n) = *runs.last().expect("data_end > 0");
+                grow(file, data_end);
+                file.write_zeroes(s, n, ZeroFlags::default()).await
+            }
+            other => other,
+        }
     }
 
     pub async fn write(
