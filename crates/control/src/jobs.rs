@@ -75,6 +75,9 @@ const COMMANDS: &[&str] = &[
     "x-debug-query-block-graph",
     "query-blockstats",
     "block_resize",
+    "blockdev-snapshot",
+    "blockdev-create",
+    "transaction",
 ];
 
 impl JobCommands {
@@ -114,7 +117,11 @@ impl JobCommands {
     /// and images stay as a cancelled job leaves them.
     pub async fn cancel_all(&self, qmp: &Qmp) {
         for job in self.jobs.list() {
-            // A concluded job refuses the verb; it has nothing to stop.
+            // A concluded job is dismissed (QEMU's job_cancel_sync_all).
+            if job.status() == JobStatus::Concluded {
+                let _ = job.dismiss();
+                continue;
+            }
             let _ = job.cancel(true).await;
             job.wait_concluded().await;
         }
@@ -140,7 +147,14 @@ impl JobCommands {
             }
             "query-block-jobs" => {
                 qmp::no_args(a)?;
-                Value::Array(self.jobs.list().iter().map(|j| j.block_info()).collect())
+                Value::Array(
+                    self.jobs
+                        .list()
+                        .iter()
+                        .filter(|j| j.is_block_job())
+                        .map(|j| j.block_info())
+                        .collect(),
+                )
             }
             "block-job-set-speed" => {
                 let job = self.block_job(a, "device")?;
@@ -221,6 +235,14 @@ impl JobCommands {
                 ))
             }
             "block_resize" => self.block_resize(a).await,
+            "blockdev-snapshot" => {
+                let snap = self.snapshot_args(a)?;
+                qmp::no_args(a)?;
+                self.apply_snapshots(&[snap]).await?;
+                Ok(json!({}))
+            }
+            "blockdev-create" => self.blockdev_create(a).await,
+            "transaction" => self.transaction(a).await,
             _ => Err(not_found(name)),
         }
     }
@@ -557,6 +579,17 @@ impl JobCommands {
     }
 
     async fn blockdev_backup(&self, a: &mut Map<String, Value>) -> Result<Value, QmpError> {
+        let (opts, params) = self.backup_args(a)?;
+        sluice_jobs::backup::start(&self.jobs, opts, params).await?;
+        Ok(json!({}))
+    }
+
+    /// `blockdev-backup`'s arguments, checked as QEMU does before anything
+    /// changes (shared with the `transaction` action).
+    fn backup_args(
+        &self,
+        a: &mut Map<String, Value>,
+    ) -> Result<(JobOptions, BackupParams), QmpError> {
         let mut c = CommonArgs {
             job_id: take_string(a, "job-id")?,
             ..CommonArgs::default()
@@ -615,8 +648,7 @@ impl JobCommands {
         };
         let mut params = BackupParams::new(&bs, &target_bs, sync);
         params.filter_node_name = filter_node_name;
-        sluice_jobs::backup::start(&self.jobs, opts, params).await?;
-        Ok(json!({}))
+        Ok((opts, params))
     }
 
     /// `block_resize`: drained, with a root that takes `resize` so that
@@ -649,6 +681,262 @@ impl JobCommands {
         drop(drained);
         drop(root);
         res?;
+        Ok(json!({}))
+    }
+}
+
+/// One `blockdev-snapshot`: `overlay` goes on top of `node`.
+struct Snapshot {
+    node: Arc<Node>,
+    overlay: Arc<Node>,
+}
+
+impl JobCommands {
+    /// `blockdev-snapshot`'s arguments, checked as QEMU's
+    /// `external_snapshot_action` does.
+    fn snapshot_args(&self, a: &mut Map<String, Value>) -> Result<Snapshot, QmpError> {
+        let node = take_string(a, "node")?.ok_or_else(|| missing("node"))?;
+        let overlay = take_string(a, "overlay")?.ok_or_else(|| missing("overlay"))?;
+        let graph = self.jobs.graph();
+        let node = lookup_bs(graph, Some(&node), Some(&node))?;
+        if let Some(e) = qmp::busy_as_backing(&node) {
+            return Err(e);
+        }
+        self.check_not_busy(std::slice::from_ref(&node))?;
+        let overlay = lookup_bs(graph, Some(&overlay), Some(&overlay))?;
+        if overlay
+            .parents()
+            .iter()
+            .any(|e| e.parent().node().is_none())
+        {
+            return Err(QmpError::generic("The overlay is already in use"));
+        }
+        if let Some(e) = qmp::busy_as_backing(&overlay) {
+            return Err(e);
+        }
+        self.check_not_busy(std::slice::from_ref(&overlay))?;
+        if overlay.driver().is_filter() {
+            return Err(QmpError::generic("Filters cannot be used as overlays"));
+        }
+        if overlay.child(Role::Backing).is_some() {
+            return Err(QmpError::generic("The overlay already has a backing image"));
+        }
+        if !overlay.driver().supports_backing() {
+            return Err(QmpError::generic(
+                "The overlay does not support backing images",
+            ));
+        }
+        self.check_not_busy(std::slice::from_ref(&node))?;
+        Ok(Snapshot { node, overlay })
+    }
+
+    /// Puts each overlay on top of its node, all in one transaction:
+    /// the overlay's backing becomes the node, and the node's users move
+    /// to the overlay (QEMU's `bdrv_append`), with both drained.
+    async fn apply_snapshots(&self, snaps: &[Snapshot]) -> Result<(), QmpError> {
+        let w = self.jobs.graph().writer().await;
+        let mut drains = Vec::new();
+        for s in snaps {
+            drains.push((w.drain(&s.node).await, w.drain(&s.overlay).await));
+        }
+        let mut tx = w.transaction();
+        for (s, (d_node, d_overlay)) in snaps.iter().zip(&drains) {
+            tx.set_backing(d_overlay, &s.overlay, Some(&s.node))?;
+            tx.replace_node(d_node, &s.node, &s.overlay)?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Undoes [`Self::apply_snapshots`] (a later action of a
+    /// `transaction` failed): users go back to the nodes.
+    async fn revert_snapshots(&self, snaps: &[Snapshot]) {
+        let w = self.jobs.graph().writer().await;
+        let mut drains = Vec::new();
+        for s in snaps {
+            drains.push((w.drain(&s.node).await, w.drain(&s.overlay).await));
+        }
+        let mut tx = w.transaction();
+        let staged = snaps
+            .iter()
+            .zip(&drains)
+            .try_for_each(|(s, (_, d_overlay))| {
+                tx.replace_node(d_overlay, &s.overlay, &s.node)?;
+                tx.set_backing(d_overlay, &s.overlay, None)
+            });
+        let done = match staged {
+            Ok(()) => tx.commit().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = done {
+            tracing::error!("could not undo a snapshot of a failed transaction: {e}");
+        }
+    }
+
+    /// `transaction`: `blockdev-snapshot` and `blockdev-backup` actions,
+    /// all or none. Every action is checked first; the snapshots then go
+    /// in as one graph transaction, and the backups start (as one job
+    /// group with `completion-mode: grouped`). A backup that fails to
+    /// start cancels those before it and undoes the snapshots.
+    async fn transaction(&self, a: &mut Map<String, Value>) -> Result<Value, QmpError> {
+        let actions = match a.remove("actions") {
+            Some(Value::Array(v)) => v,
+            Some(_) => {
+                return Err(QmpError::generic(
+                    "Invalid parameter type for 'actions', expected: array",
+                ))
+            }
+            None => return Err(missing("actions")),
+        };
+        let grouped = match a.remove("properties") {
+            None => false,
+            Some(Value::Object(mut p)) => {
+                let mode = take_string(&mut p, "completion-mode")?;
+                qmp::no_args(&mut p)?;
+                match mode.as_deref() {
+                    None | Some("individual") => false,
+                    Some("grouped") => true,
+                    Some(other) => {
+                        return Err(QmpError::generic(format!(
+                            "Parameter 'completion-mode' does not accept value '{other}'"
+                        )))
+                    }
+                }
+            }
+            Some(_) => {
+                return Err(QmpError::generic(
+                    "Invalid parameter type for 'properties', expected: object",
+                ))
+            }
+        };
+        qmp::no_args(a)?;
+        // Actions take effect in order, as QEMU's: a snapshot at once, a
+        // backup job created (filter in place) but not started. A failing
+        // action undoes every one before it.
+        let txn = grouped.then(sluice_jobs::JobTxn::new);
+        let mut snaps: Vec<Snapshot> = Vec::new();
+        let mut created: Vec<Arc<Job>> = Vec::new();
+        let mut result = Ok(());
+        for action in actions {
+            result = self
+                .transaction_action(action, &txn, &mut snaps, &mut created)
+                .await;
+            if result.is_err() {
+                break;
+            }
+        }
+        if let Err(e) = result {
+            for job in created.iter().rev() {
+                let _ = job.cancel(true).await;
+                job.wait_concluded().await;
+            }
+            self.revert_snapshots(&snaps).await;
+            return Err(e);
+        }
+        for job in &created {
+            self.jobs.start(job);
+        }
+        Ok(json!({}))
+    }
+
+    /// One action of a `transaction`.
+    async fn transaction_action(
+        &self,
+        action: Value,
+        txn: &Option<Arc<sluice_jobs::JobTxn>>,
+        snaps: &mut Vec<Snapshot>,
+        created: &mut Vec<Arc<Job>>,
+    ) -> Result<(), QmpError> {
+        let Value::Object(mut action) = action else {
+            return Err(QmpError::generic(
+                "Invalid parameter type for 'actions[0]', expected: object",
+            ));
+        };
+        let ty = take_string(&mut action, "type")?.ok_or_else(|| missing("type"))?;
+        let mut data = match action.remove("data") {
+            Some(Value::Object(d)) => d,
+            Some(_) => {
+                return Err(QmpError::generic(
+                    "Invalid parameter type for 'data', expected: object",
+                ))
+            }
+            None => return Err(missing("data")),
+        };
+        qmp::no_args(&mut action)?;
+        match ty.as_str() {
+            "blockdev-snapshot" => {
+                let s = self.snapshot_args(&mut data)?;
+                qmp::no_args(&mut data)?;
+                self.apply_snapshots(std::slice::from_ref(&s)).await?;
+                snaps.push(s);
+            }
+            "blockdev-backup" => {
+                let (opts, params) = self.backup_args(&mut data)?;
+                qmp::no_args(&mut data)?;
+                let job =
+                    sluice_jobs::backup::create_in(&self.jobs, opts, params, txn.clone()).await?;
+                created.push(job);
+            }
+            other => {
+                return Err(QmpError::generic(format!(
+                    "Parameter 'type' does not accept value '{other}' \\
+                     (sluice's transactions take blockdev-snapshot and blockdev-backup)"
+                )))
+            }
+        }
+        Ok(())
+    }
+
+    /// `blockdev-create`: a `create` job for a `file` or a `qcow2` image.
+    async fn blockdev_create(&self, a: &mut Map<String, Value>) -> Result<Value, QmpError> {
+        use sluice_jobs::create::CreateSpec;
+        let job_id = take_string(a, "job-id")?.ok_or_else(|| missing("job-id"))?;
+        let mut o = match a.remove("options") {
+            Some(Value::Object(o)) => o,
+            Some(_) => {
+                return Err(QmpError::generic(
+                    "Invalid parameter type for 'options', expected: object",
+                ))
+            }
+            None => return Err(missing("options")),
+        };
+        qmp::no_args(a)?;
+        let driver = take_string(&mut o, "driver")?.ok_or_else(|| missing("driver"))?;
+        let spec = match driver.as_str() {
+            "file" => {
+                let filename =
+                    take_string(&mut o, "filename")?.ok_or_else(|| missing("filename"))?;
+                let size = take_int(&mut o, "size")?.ok_or_else(|| missing("size"))?;
+                let preallocation =
+                    take_string(&mut o, "preallocation")?.unwrap_or_else(|| "off".into());
+                // Accepted for compatibility; they only tune the host file.
+                let _ = qmp::take_bool(&mut o, "nocow")?;
+                let _ = take_int(&mut o, "extent-size-hint")?;
+                qmp::no_args(&mut o)?;
+                if size < 0 {
+                    return Err(QmpError::generic("Parameter 'size' expects a >0 size"));
+                }
+                CreateSpec::File {
+                    filename,
+                    size: size as u64,
+                    preallocation,
+                }
+            }
+            "qcow2" => {
+                let file = take_string(&mut o, "file")?.ok_or_else(|| missing("file"))?;
+                CreateSpec::Qcow2 { file, options: o }
+            }
+            other => {
+                return Err(QmpError::generic(format!(
+                    "Driver '{other}' does not support image creation"
+                )))
+            }
+        };
+        let opts = JobOptions::new(&job_id);
+        if !sluice_jobs::job::id_wellformed(&opts.id) {
+            return Err(QmpError::generic(format!("Invalid job ID '{}'", opts.id)));
+        }
+        sluice_jobs::create::start(&self.jobs, opts, spec)?;
         Ok(json!({}))
     }
 }

@@ -13,7 +13,7 @@
 //! come in through [`Extension`], so this crate does not depend on them.
 
 use serde_json::{json, Map, Value};
-use sluice_core::{Graph, Role};
+use sluice_core::{Graph, Node, Role};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -225,8 +225,15 @@ impl Qmp {
                 "Node {name} is not owned by the monitor"
             )));
         }
-        if !node.parents().is_empty() {
+        if let Some(e) = busy_as_backing(&node) {
+            return Err(e);
+        }
+        let parents = node.parents();
+        if parents.iter().any(|e| e.parent().node().is_none()) {
             return Err(QmpError::generic(format!("Node {name} is in use")));
+        }
+        if !parents.is_empty() {
+            return Err(QmpError::generic(format!("Block device {name} is in use")));
         }
         let drained = w.drain(&node).await;
         w.delete_node(&drained, &node).await?;
@@ -675,4 +682,17 @@ mod tests {
             ]
         );
     }
+}
+
+/// QEMU's op blocker on a backing node: most operations on a node that is
+/// some overlay's backing file are refused, naming the overlay.
+pub(crate) fn busy_as_backing(node: &Node) -> Option<QmpError> {
+    node.parents().iter().find_map(|e| {
+        let overlay = e.parent().node().filter(|_| e.role() == Role::Backing)?;
+        Some(QmpError::generic(format!(
+            "Node '{}' is busy: node is used as backing hd of '{}'",
+            node.name(),
+            overlay.name()
+        )))
+    })
 }

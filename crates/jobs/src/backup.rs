@@ -13,7 +13,7 @@
 use crate::bitmap::{Busy, DirtyBitmap};
 use crate::chain::allocated_above;
 use crate::filters::{insert_filter, remove_filter, FilterHooks, GuestWrite, JobFilter};
-use crate::job::{ErrorAction, Job, JobDriver, JobManager, JobOptions};
+use crate::job::{ErrorAction, Job, JobDriver, JobManager, JobOptions, JobTxn};
 use crate::mirror::SyncMode;
 use async_trait::async_trait;
 use parking_lot::Mutex;
@@ -139,6 +139,32 @@ struct Backup {
 
 /// Starts a backup of `params.source` into `params.target`.
 pub async fn start(jobs: &JobManager, opts: JobOptions, params: BackupParams) -> Result<Arc<Job>> {
+    start_in(jobs, opts, params, None).await
+}
+
+/// Starts a backup as a member of `txn` (a `transaction` with
+/// `completion-mode: grouped`): the group finalizes or aborts together.
+pub async fn start_in(
+    jobs: &JobManager,
+    opts: JobOptions,
+    params: BackupParams,
+    txn: Option<Arc<JobTxn>>,
+) -> Result<Arc<Job>> {
+    let job = create_in(jobs, opts, params, txn).await?;
+    jobs.start(&job);
+    Ok(job)
+}
+
+/// Creates a backup job with its filter in place and the point in time
+/// fixed, but does not start it (a `transaction` starts its jobs once
+/// every action succeeded, and cancels them otherwise — which takes the
+/// filter out again).
+pub async fn create_in(
+    jobs: &JobManager,
+    opts: JobOptions,
+    params: BackupParams,
+    txn: Option<Arc<JobTxn>>,
+) -> Result<Arc<Job>> {
     let (source, target) = (&params.source, &params.target);
     if Arc::ptr_eq(source, target) {
         return Err(Error::Other("Source and target cannot be the same".into()));
@@ -217,7 +243,7 @@ pub async fn start(jobs: &JobManager, opts: JobOptions, params: BackupParams) ->
         filter: Mutex::new(Some(filter.clone())),
         source_root: Mutex::new(Some(Arc::new(source_root))),
     };
-    match jobs.spawn(opts, Box::new(driver)) {
+    match jobs.create(opts, Box::new(driver), txn) {
         Ok(job) => Ok(job),
         Err(e) => {
             let w = jobs.graph().writer().await;

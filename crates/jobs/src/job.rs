@@ -106,8 +106,15 @@ impl JobOptions {
 /// One kind of job: stream, commit, mirror, backup.
 #[async_trait]
 pub trait JobDriver: Send + Sync + 'static {
-    /// QEMU's `JobType` name: `stream`, `commit`, `mirror`, `backup`.
+    /// QEMU's `JobType` name: `stream`, `commit`, `mirror`, `backup`,
+    /// `create`.
     fn job_type(&self) -> &'static str;
+
+    /// Block jobs (all but `create`) also send the `BLOCK_JOB_*` events
+    /// and show in `query-block-jobs`.
+    fn is_block_job(&self) -> bool {
+        true
+    }
 
     /// The work. Calls `job.pause_point()` (or `job.rate_limit(..)`)
     /// between chunks and returns early once `job.is_cancelled()`.
@@ -386,6 +393,18 @@ impl Job {
         self.driver.job_type()
     }
 
+    /// Whether this is a block job (see [`JobDriver::is_block_job`]).
+    pub fn is_block_job(&self) -> bool {
+        self.driver.is_block_job()
+    }
+
+    /// Publishes a `BLOCK_JOB_*` event, for block jobs only.
+    fn publish_block_event(&self, name: &'static str, data: Value) {
+        if self.is_block_job() {
+            self.shared.events.publish(name, data);
+        }
+    }
+
     pub fn status(&self) -> JobStatus {
         self.state.lock().status
     }
@@ -628,7 +647,7 @@ impl Job {
         let mut s = self.state.lock();
         self.transition(&mut s, JobStatus::Ready);
         let data = self.block_event_data(&s);
-        self.shared.events.publish("BLOCK_JOB_READY", data);
+        self.publish_block_event("BLOCK_JOB_READY", data);
     }
 
     /// What to do about a failed request (`block_job_error_action`):
@@ -644,7 +663,7 @@ impl Job {
             OnError::Enospc if enospc => ErrorAction::Stop,
             OnError::Enospc => ErrorAction::Report,
         };
-        self.shared.events.publish(
+        self.publish_block_event(
             "BLOCK_JOB_ERROR",
             json!({
                 "device": self.id,
@@ -822,7 +841,7 @@ impl Job {
         let mut s = self.state.lock();
         self.transition(&mut s, JobStatus::Pending);
         if !s.auto_finalize {
-            self.shared.events.publish(
+            self.publish_block_event(
                 "BLOCK_JOB_PENDING",
                 json!({"type": self.job_type(), "id": self.id}),
             );
@@ -871,12 +890,12 @@ impl Job {
             if s.started {
                 let mut data = self.block_event_data(&s);
                 if s.force_cancel {
-                    self.shared.events.publish("BLOCK_JOB_CANCELLED", data);
+                    self.publish_block_event("BLOCK_JOB_CANCELLED", data);
                 } else {
                     if let Some(e) = &s.ret {
                         data["error"] = json!(e);
                     }
-                    self.shared.events.publish("BLOCK_JOB_COMPLETED", data);
+                    self.publish_block_event("BLOCK_JOB_COMPLETED", data);
                 }
             }
         }

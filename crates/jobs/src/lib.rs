@@ -5,13 +5,14 @@
 //!   trait every job kind implements; pauses, rate limits, error policy.
 //! * [`events`] — the bus carrying `JOB_STATUS_CHANGE`, `BLOCK_JOB_*`.
 //! * [`stream`], [`commit`], [`mirror`] (also active commit), [`backup`] —
-//!   the job kinds. Each ends with its graph
+//!   the block job kinds; [`create`] — `blockdev-create`. Each ends with its graph
 //!   change in `prepare`, inside a drained section, as one transaction.
 
 pub mod backup;
 mod bitmap;
 pub mod chain;
 pub mod commit;
+pub mod create;
 pub mod events;
 pub mod filters;
 pub mod job;
