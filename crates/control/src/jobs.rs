@@ -792,7 +792,7 @@ impl JobCommands {
             None => false,
             Some(Value::Object(mut p)) => {
                 let mode = take_string(&mut p, "completion-mode")?;
-                qmp::no_args(&mut p)?;
+                qmp::no_args(&p)?;
                 match mode.as_deref() {
                     None | Some("individual") => false,
                     Some("grouped") => true,
@@ -862,17 +862,17 @@ impl JobCommands {
             }
             None => return Err(missing("data")),
         };
-        qmp::no_args(&mut action)?;
+        qmp::no_args(&action)?;
         match ty.as_str() {
             "blockdev-snapshot" => {
                 let s = self.snapshot_args(&mut data)?;
-                qmp::no_args(&mut data)?;
+                qmp::no_args(&data)?;
                 self.apply_snapshots(std::slice::from_ref(&s)).await?;
                 snaps.push(s);
             }
             "blockdev-backup" => {
                 let (opts, params) = self.backup_args(&mut data)?;
-                qmp::no_args(&mut data)?;
+                qmp::no_args(&data)?;
                 let job =
                     sluice_jobs::backup::create_in(&self.jobs, opts, params, txn.clone()).await?;
                 created.push(job);
