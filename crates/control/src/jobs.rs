@@ -912,7 +912,7 @@ impl JobCommands {
                 // Accepted for compatibility; they only tune the host file.
                 let _ = qmp::take_bool(&mut o, "nocow")?;
                 let _ = take_int(&mut o, "extent-size-hint")?;
-                qmp::no_args(&mut o)?;
+                qmp::no_args(&o)?;
                 if size < 0 {
                     return Err(QmpError::generic("Parameter 'size' expects a >0 size"));
                 }

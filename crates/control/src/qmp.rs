@@ -651,6 +651,19 @@ impl MonitorListener {
     }
 }
 
+/// QEMU's op blocker on a backing node: most operations on a node that is
+/// some overlay's backing file are refused, naming the overlay.
+pub(crate) fn busy_as_backing(node: &Node) -> Option<QmpError> {
+    node.parents().iter().find_map(|e| {
+        let overlay = e.parent().node().filter(|_| e.role() == Role::Backing)?;
+        Some(QmpError::generic(format!(
+            "Node '{}' is busy: node is used as backing hd of '{}'",
+            node.name(),
+            overlay.name()
+        )))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -682,17 +695,4 @@ mod tests {
             ]
         );
     }
-}
-
-/// QEMU's op blocker on a backing node: most operations on a node that is
-/// some overlay's backing file are refused, naming the overlay.
-pub(crate) fn busy_as_backing(node: &Node) -> Option<QmpError> {
-    node.parents().iter().find_map(|e| {
-        let overlay = e.parent().node().filter(|_| e.role() == Role::Backing)?;
-        Some(QmpError::generic(format!(
-            "Node '{}' is busy: node is used as backing hd of '{}'",
-            node.name(),
-            overlay.name()
-        )))
-    })
 }
