@@ -512,3 +512,182 @@ fn stream_read_errors_match_qemu_storage_daemon() {
         );
     }
 }
+
+/// Images made with `blockdev-create` (a file, then qcow2 on it), a live
+/// `blockdev-snapshot` onto a new overlay, `transaction`s (a grouped
+/// backup; a failing snapshot that changes nothing), and their errors.
+fn create_snapshot_sequence(q: &mut Qmp, dir: &TempDir) -> Vec<(String, Outcome)> {
+    let mut out = Vec::new();
+    let mut run = |q: &mut Qmp, name: &str, args: Value| {
+        let r = normalize(name, q.cmd(name, args.clone()));
+        out.push((format!("{name} {args}"), r));
+    };
+    let create =
+        |q: &mut Qmp, run: &mut dyn FnMut(&mut Qmp, &str, Value), id: &str, opts: Value| {
+            run(q, "blockdev-create", json!({"job-id": id, "options": opts}));
+            q.wait_job_status(id, "concluded");
+            run(q, "query-jobs", Value::Null);
+            run(q, "job-dismiss", json!({"id": id}));
+        };
+    // A new 4 MiB qcow2 image, made from nothing.
+    create(
+        q,
+        &mut run,
+        "c1",
+        json!({"driver": "file", "filename": dir.file("new.qcow2"), "size": 0}),
+    );
+    run(
+        q,
+        "blockdev-add",
+        json!({"driver": "file", "node-name": "new-file", "filename": dir.file("new.qcow2")}),
+    );
+    create(
+        q,
+        &mut run,
+        "c2",
+        json!({"driver": "qcow2", "file": "new-file", "size": 4 << 20, "cluster-size": 65536}),
+    );
+    run(
+        q,
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "new", "file": "new-file"}),
+    );
+    // An overlay for base.qcow2, snapshotted on top of it live.
+    run(
+        q,
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "base",
+        "file": {"driver": "file", "filename": dir.file("base.qcow2")}}),
+    );
+    create(
+        q,
+        &mut run,
+        "c3",
+        json!({"driver": "file", "filename": dir.file("ovl.qcow2"), "size": 0}),
+    );
+    run(
+        q,
+        "blockdev-add",
+        json!({"driver": "file", "node-name": "ovl-file", "filename": dir.file("ovl.qcow2")}),
+    );
+    create(
+        q,
+        &mut run,
+        "c4",
+        json!({"driver": "qcow2", "file": "ovl-file", "size": 4 << 20,
+        "backing-file": dir.file("base.qcow2"), "backing-fmt": "qcow2"}),
+    );
+    run(
+        q,
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "ovl", "file": "ovl-file", "backing": null}),
+    );
+    run(
+        q,
+        "blockdev-snapshot",
+        json!({"node": "nope", "overlay": "ovl"}),
+    );
+    run(
+        q,
+        "blockdev-snapshot",
+        json!({"node": "base", "overlay": "nope"}),
+    );
+    run(
+        q,
+        "blockdev-snapshot",
+        json!({"node": "base", "overlay": "ovl"}),
+    );
+    run(
+        q,
+        "blockdev-snapshot",
+        json!({"node": "base", "overlay": "ovl"}),
+    );
+    run(
+        q,
+        "blockdev-snapshot",
+        json!({"node": "new", "overlay": "ovl"}),
+    );
+    run(q, "blockdev-del", json!({"node-name": "base"}));
+    // A transaction that fails in its second action changes nothing.
+    run(
+        q,
+        "transaction",
+        json!({"actions": [
+        {"type": "blockdev-backup", "data": {"job-id": "b0", "device": "ovl", "target": "new", "sync": "full"}},
+        {"type": "blockdev-snapshot", "data": {"node": "nope", "overlay": "ovl"}}]}),
+    );
+    run(q, "query-jobs", Value::Null);
+    // A grouped backup of the snapshotted disk into the new image.
+    run(
+        q,
+        "transaction",
+        json!({
+        "actions": [{"type": "blockdev-backup", "data": {"job-id": "b1", "device": "ovl", "target": "new", "sync": "full"}}],
+        "properties": {"completion-mode": "grouped"}}),
+    );
+    q.wait_job_status("b1", "null");
+    run(q, "query-jobs", Value::Null);
+    run(
+        q,
+        "blockdev-create",
+        json!({"job-id": "c5", "options": {"driver": "qcow2", "file": "nope", "size": 1024}}),
+    );
+    // How soon a failed job concludes is timing; wait, so both agree.
+    q.wait_job_status("c5", "concluded");
+    run(
+        q,
+        "blockdev-create",
+        json!({"job-id": "c6", "options": {"driver": "qcow2", "file": "new-file", "size": 1024, "cluster-size": 1000}}),
+    );
+    q.wait_job_status("c6", "concluded");
+    run(q, "query-jobs", Value::Null);
+    run(q, "job-dismiss", json!({"id": "c6"}));
+    run(q, "quit", Value::Null);
+    out
+}
+
+#[test]
+fn create_snapshot_and_transaction_match_qemu_storage_daemon() {
+    let ours_dir = temp_dir("diff-create-ours");
+    let (ours, ours_events) = drive(sluice(), &["daemon"], &ours_dir, create_snapshot_sequence);
+    for (cmd, r) in &ours {
+        eprintln!("sluice: {cmd} -> {r:?}");
+    }
+    ok("qemu-img", &["check", &ours_dir.file("new.qcow2")]);
+    ok("qemu-img", &["check", &ours_dir.file("ovl.qcow2")]);
+    // Without a referee: the backup holds what the snapshotted disk shows.
+    ok(
+        "qemu-img",
+        &[
+            "compare",
+            &ours_dir.file("ovl.qcow2"),
+            &ours_dir.file("new.qcow2"),
+        ],
+    );
+    if !have("qemu-storage-daemon") {
+        return;
+    }
+    let theirs_dir = temp_dir("diff-create-theirs");
+    let (theirs, theirs_events) = drive(
+        Path::new("qemu-storage-daemon"),
+        &[],
+        &theirs_dir,
+        create_snapshot_sequence,
+    );
+    for (cmd, r) in &theirs {
+        eprintln!("qemu: {cmd} -> {r:?}");
+    }
+    assert_same(
+        &ours,
+        &theirs,
+        &ours_events,
+        &without_transaction_pause(&theirs_events),
+    );
+    for f in ["new", "ovl"] {
+        let f = format!("{f}.qcow2");
+        ok(
+            "qemu-img",
+            &["compare", &ours_dir.file(&f), &theirs_dir.file(&f)],
+        );
+    }
+}

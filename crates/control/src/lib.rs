@@ -4,4 +4,5 @@
 
 pub mod jobs;
 pub mod keyval;
+pub mod objects;
 pub mod qmp;

@@ -8,10 +8,12 @@
 
 use crate::filter::blkdebug::{BlkdebugDriver, BlkdebugOptions};
 use crate::filter::copy_on_read::{CopyOnReadDriver, CorOptions};
+use crate::filter::throttle::{ThrottleDriver, ThrottleMember, ThrottleOptions};
 use crate::format::raw::{RawDriver, RawOptions};
 use crate::lenient::Lenient;
 use crate::protocol::file::{self, CacheMode, FileOptions};
 use crate::protocol::memory::{self, MemoryDriver, MemoryOptions};
+use crate::protocol::nbd::{self, NbdOptions};
 use crate::protocol::null::{NullDriver, NullOptions, DEFAULT_SIZE};
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
@@ -26,10 +28,12 @@ pub const DRIVERS: &[&str] = &[
     "copy-on-read",
     "file",
     "memory",
+    "nbd",
     "null-aio",
     "null-co",
     "qcow2",
     "raw",
+    "throttle",
 ];
 
 /// Options every node takes, whatever its driver.
@@ -195,6 +199,11 @@ async fn open_node_inner(
                 }
                 (Box::new(MemoryDriver::new()), o.size)
             }
+            "nbd" => {
+                let o: NbdOptions = driver_opts("nbd", map)?;
+                let (d, size) = nbd::open(&o, common.read_only).await?;
+                (Box::new(d), size)
+            }
             d @ ("null-co" | "null-aio") => {
                 let o: NullOptions = driver_opts(d, map)?;
                 (
@@ -278,6 +287,15 @@ async fn open_node_inner(
                 let size = f.size();
                 children.push((Role::File, f));
                 (Box::new(CopyOnReadDriver::new(o.bottom.clone())), size)
+            }
+            "throttle" => {
+                let o: ThrottleOptions = driver_opts("throttle", map)?;
+                let group = o.group_name()?;
+                let f = child(w, &o.file, &child_inherit, false, created).await?;
+                let member = ThrottleMember::join(group)?;
+                let size = f.size();
+                children.push((Role::File, f));
+                (Box::new(ThrottleDriver::new(member)), size)
             }
             other => return Err(Error::Other(format!("Unknown driver '{other}'"))),
         };
@@ -381,7 +399,18 @@ pub fn probe_format(filename: &str) -> Result<&'static str> {
 
 /// The options `qemu-img` builds for a plain filename: `format` (probed
 /// when absent) over a `file` node.
+///
+/// An NBD URL (`nbd://host:port/export`, `nbd+unix:///export?socket=path`)
+/// is an `nbd` node under the format, `raw` unless given: sluice does not
+/// probe over the network.
 pub fn image_options(filename: &str, format: Option<&str>) -> std::result::Result<Value, String> {
+    if let Some(target) = nbd::parse_filename(filename) {
+        let format = format.unwrap_or("raw");
+        if !DRIVERS.contains(&format) {
+            return Err(format!("Unknown driver '{format}'"));
+        }
+        return Ok(serde_json::json!({"driver": format, "file": target?.to_options()}));
+    }
     let format = match format {
         Some(f) => f.to_string(),
         None => probe_format(filename)

@@ -10,13 +10,19 @@
 //!
 //! `--chardev socket,...` with `--monitor` serves QMP (`sluice_control::qmp`);
 //! the NBD commands come from [`NbdCommands`], the QMP extension here, and
-//! the block job commands from `sluice_control::jobs`.
+//! the block job commands from `sluice_control::jobs`, the object
+//! commands (`object-add`, ...; `--object` on the command line) from
+//! `sluice_control::objects`.
+//!
+//! `--daemonize` forks once the command line is read ([`daemonize`]).
 
+mod daemonize;
 mod options;
 
 use options::{DaemonOpt, ExportOpts, Located, NbdServerOpts, Parsed, USAGE};
 use serde_json::{json, Map, Value};
 use sluice_control::jobs::JobCommands;
+use sluice_control::objects::{self, ObjectCommands};
 use sluice_control::qmp::{self, BoxFuture, MonitorListener, Qmp, QmpError};
 use sluice_core::Graph;
 use sluice_drivers::blockdev_add;
@@ -51,6 +57,21 @@ pub fn run(args: DaemonArgs) -> Result<ExitCode, String> {
             Parsed::Run(opts) => (opts, None),
         }
     };
+    if opts.iter().any(|o| o.opt == DaemonOpt::Daemonize) {
+        let mut opts = opts;
+        absolute_paths(&mut opts)?;
+        let ready = daemonize::daemonize()?;
+        return run_daemon(opts, None, Some(ready));
+    }
+    run_daemon(opts, default_dir, None)
+}
+
+/// Runs the daemon on a new runtime; `ready` is told once it is set up.
+fn run_daemon(
+    opts: Vec<Located>,
+    default_dir: Option<PathBuf>,
+    ready: Option<daemonize::Ready>,
+) -> Result<ExitCode, String> {
     // Request buffers are large: keep them in the heap between requests.
     sluice_exports::alloc::tune_for_large_buffers();
     // Before any thread starts, so that every thread inherits the mask and
@@ -61,11 +82,31 @@ pub fn run(args: DaemonArgs) -> Result<ExitCode, String> {
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
-    let res = rt.block_on(serve(opts, default_dir.clone()));
+    let res = rt.block_on(serve(opts, default_dir.clone(), ready));
     if let Some(dir) = default_dir {
         let _ = std::fs::remove_dir_all(dir);
     }
     res
+}
+
+/// A daemon works in `/`: paths it creates and later removes (sockets, the
+/// pid file) are made absolute before it moves there.
+fn absolute_paths(opts: &mut [Located]) -> Result<(), String> {
+    let abs = |p: &mut PathBuf| -> Result<(), String> {
+        *p = std::path::absolute(&*p).map_err(|e| format!("{}: {e}", p.display()))?;
+        Ok(())
+    };
+    for o in opts {
+        match &mut o.opt {
+            DaemonOpt::Pidfile(p) | DaemonOpt::Chardev { path: p, .. } => abs(p)?,
+            DaemonOpt::NbdServer(NbdServerOpts {
+                addr: ListenAddr::Unix(p),
+                ..
+            }) => abs(p)?,
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 fn make_temp_dir() -> Result<PathBuf, String> {
@@ -298,7 +339,11 @@ impl qmp::Extension for NbdCommands {
     }
 }
 
-async fn serve(opts: Vec<Located>, default_dir: Option<PathBuf>) -> Result<ExitCode, String> {
+async fn serve(
+    opts: Vec<Located>,
+    default_dir: Option<PathBuf>,
+    ready: Option<daemonize::Ready>,
+) -> Result<ExitCode, String> {
     let graph = Graph::new();
     let nbd = Arc::new(NbdCommands {
         graph: graph.clone(),
@@ -310,6 +355,7 @@ async fn serve(opts: Vec<Located>, default_dir: Option<PathBuf>) -> Result<ExitC
         vec![
             nbd.clone() as Arc<dyn qmp::Extension>,
             jobs.clone() as Arc<dyn qmp::Extension>,
+            ObjectCommands::new() as Arc<dyn qmp::Extension>,
         ],
     );
     let _events = jobs.forward_events(&qmp);
@@ -332,6 +378,12 @@ async fn serve(opts: Vec<Located>, default_dir: Option<PathBuf>) -> Result<ExitC
         }
         None => None,
     };
+    if let Some(r) = ready {
+        if let Err(e) = r.done() {
+            shutdown(&nbd, monitors).await;
+            return Err(e);
+        }
+    }
     if let Some(dir) = &default_dir {
         print_default_banner(dir);
     }
@@ -344,10 +396,13 @@ async fn serve(opts: Vec<Located>, default_dir: Option<PathBuf>) -> Result<ExitC
     if default_dir.is_some() {
         eprintln!("sluice daemon: shutting down");
     }
-    shutdown(&nbd, monitors).await;
-    // As qemu-storage-daemon does: running jobs are cancelled, their
-    // filters leave the graph before the nodes are flushed.
+    // As qemu-storage-daemon does: exports close, then running jobs are
+    // cancelled (their filters leave the graph, concluded jobs are
+    // dismissed) while the monitors can still report it, then the
+    // monitors close and the nodes are flushed.
+    let _ = nbd.stop().await;
     jobs.cancel_all(&qmp).await;
+    shutdown(&nbd, monitors).await;
     // Nodes go with the graph; flush them first so that file nodes are
     // durable on a clean exit.
     for node in graph.nodes() {
@@ -386,6 +441,10 @@ async fn setup(
             DaemonOpt::NbdServer(o) => nbd.start(o).await.map_err(fail)?,
             DaemonOpt::Export(e) => nbd.add_export(e).await.map_err(fail)?,
             DaemonOpt::Pidfile(p) => *pidfile = Some(p.clone()),
+            DaemonOpt::Object(args) => {
+                objects::object_add(args.clone(), true).map_err(|e| fail(e.desc))?
+            }
+            DaemonOpt::Daemonize => {}
             DaemonOpt::Chardev { id, path } => {
                 if chardevs.contains_key(id) {
                     return Err(fail(format!("Duplicate chardev id '{id}'")));

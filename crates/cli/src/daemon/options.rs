@@ -22,6 +22,11 @@ pub enum DaemonOpt {
     Monitor {
         chardev: String,
     },
+    /// `--object [qom-type=]TYPE,id=ID,...`: `object-add`'s arguments, as text.
+    Object(Map<String, Value>),
+    /// `--daemonize`: fork once the options are read, detach, and let the
+    /// parent exit when the daemon is set up.
+    Daemonize,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -63,7 +68,12 @@ sluice daemon: qemu-storage-daemon work-alike
                             a Unix socket for a monitor
   --monitor [chardev=]<id>[,mode=control][,pretty=on|off]
                             serve QMP on the chardev <id>
+  --object throttle-group,id=<id>[,limits.<limit>=<value>,...]
+                            create a throttle group for driver=throttle nodes
+                            (limits: bps-total, iops-read-max, iops-size, ...)
   --pidfile <path>          write process ID to a file after startup
+  --daemonize               daemonize the process, and have the parent exit
+                            once startup is complete
 
 With no options, serves a 64 MiB RAM disk over NBD on a Unix socket and a
 QMP monitor on another, in a temporary directory, and prints how to connect.
@@ -93,6 +103,16 @@ pub fn parse_args(args: &[String]) -> Result<Parsed, String> {
             Some((n, v)) => (n, Some(v.to_string())),
             None => (stripped, None),
         };
+        if name == "daemonize" {
+            if inline.is_some() {
+                return Err("option '--daemonize' doesn't allow an argument".into());
+            }
+            out.push(Located {
+                opt: DaemonOpt::Daemonize,
+                text: "--daemonize".into(),
+            });
+            continue;
+        }
         let known = [
             "blockdev",
             "nbd-server",
@@ -100,6 +120,7 @@ pub fn parse_args(args: &[String]) -> Result<Parsed, String> {
             "pidfile",
             "chardev",
             "monitor",
+            "object",
         ];
         if !known.contains(&name) {
             return Err(format!("unrecognized option '{arg}'"));
@@ -146,6 +167,10 @@ fn parse_option(name: &str, value: &str) -> Result<DaemonOpt, String> {
         "pidfile" => Ok(DaemonOpt::Pidfile(PathBuf::from(value))),
         "chardev" => parse_chardev(value),
         "monitor" => parse_monitor(value),
+        "object" => match keyval::parse(value, Some("qom-type")).map_err(|e| e.to_string())? {
+            Value::Object(map) => Ok(DaemonOpt::Object(map)),
+            _ => Err("Invalid parameter type, expected: object".into()),
+        },
         _ => Err(format!("unrecognized option '--{name}'")),
     }
 }

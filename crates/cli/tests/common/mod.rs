@@ -118,7 +118,12 @@ pub fn start_with_monitor(cmd: &Path, pre: &[&str], dir: &Path) -> (Proc, Qmp) {
         assert!(Instant::now() < deadline, "not ready");
         std::thread::sleep(Duration::from_millis(10));
     }
-    let s = UnixStream::connect(&qmp_sock).unwrap();
+    (p, connect_qmp(&qmp_sock))
+}
+
+/// Connects to the QMP monitor on `sock` and reads its greeting.
+pub fn connect_qmp(sock: &Path) -> Qmp {
+    let s = UnixStream::connect(sock).unwrap();
     s.set_read_timeout(Some(TIMEOUT)).unwrap();
     let mut q = Qmp {
         r: BufReader::new(s.try_clone().unwrap()),
@@ -130,7 +135,39 @@ pub fn start_with_monitor(cmd: &Path, pre: &[&str], dir: &Path) -> (Proc, Qmp) {
         greeting["QMP"]["version"]["qemu"]["major"].is_u64(),
         "{greeting}"
     );
-    (p, q)
+    q
+}
+
+/// A tool's error message without its `tool: ` prefix (`sluice: ...`,
+/// `qemu-storage-daemon: ...`), for comparing the two.
+pub fn error_message(o: &Output) -> String {
+    let text = String::from_utf8_lossy(&o.stderr);
+    let line = text.lines().next().unwrap_or_default();
+    line.split_once(": ")
+        .map(|(_, m)| m)
+        .unwrap_or(line)
+        .to_string()
+}
+
+/// Whether process `pid` runs (exists and is not a zombie waiting for a
+/// parent that may never reap it).
+pub fn pid_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name in parentheses.
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// Waits until process `pid` (not a child of ours) has exited.
+pub fn wait_gone(pid: i32) {
+    let deadline = Instant::now() + TIMEOUT;
+    while pid_alive(pid) {
+        assert!(Instant::now() < deadline, "process {pid} did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// `sluice daemon`, the binary under test.

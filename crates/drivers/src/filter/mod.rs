@@ -2,3 +2,4 @@
 
 pub mod blkdebug;
 pub mod copy_on_read;
+pub mod throttle;

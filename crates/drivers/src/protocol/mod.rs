@@ -2,4 +2,5 @@
 
 pub mod file;
 pub mod memory;
+pub mod nbd;
 pub mod null;
