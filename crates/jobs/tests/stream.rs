@@ -456,7 +456,10 @@ async fn speed_limits_the_rate_on_virtual_time() {
         assert_eq!(job.wait_concluded().await, None);
         let took = t0.elapsed();
         if slow {
-            assert!(took >= std::time::Duration::from_millis(1900), "took {took:?}");
+            assert!(
+                took >= std::time::Duration::from_millis(1900),
+                "took {took:?}"
+            );
         } else {
             assert!(
                 took < std::time::Duration::from_millis(100),
