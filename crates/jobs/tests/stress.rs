@@ -72,7 +72,7 @@ async fn jobs_reshape_the_chain_under_a_writing_guest() {
     drop(w);
     let mut model = vec![0u8; MIB as usize];
     for i in 0..4u64 {
-        let (off, len) = (i * 200 << 10, 256usize << 10);
+        let (off, len) = ((i * 200) << 10, 256usize << 10);
         fill(
             &graph,
             &graph.node(&format!("l{i}")).unwrap(),
