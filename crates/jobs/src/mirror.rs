@@ -27,6 +27,9 @@ use sluice_core::{
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::{Arc, Weak};
 
+/// Copies a mirror runs at once (QEMU's `MAX_IN_FLIGHT`).
+const MAX_IN_FLIGHT: usize = 16;
+
 /// QEMU's `MirrorSyncMode` for what is copied at the start.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SyncMode {
@@ -361,39 +364,58 @@ impl Mirror {
         )
     }
 
-    /// Takes the next dirty run and copies it; `Ok(false)` when clean.
-    async fn copy_next(
+    /// Takes up to [`MAX_IN_FLIGHT`] dirty runs and copies them at once
+    /// (QEMU's mirror keeps up to 16 operations in flight); `Ok(false)`
+    /// when nothing was dirty. All of them finish before it returns, so
+    /// the job never parks with a request of its own in flight.
+    async fn copy_batch(
         &self,
         job: &Job,
         root: &Root,
         target: &Root,
         cursor: &mut u64,
     ) -> Result<bool> {
-        let chunk = self.params.buf_size.clamp(self.params.granularity, 4 << 20);
-        let Some((off, len)) = self.shared.dirty.lock().next_run(*cursor, chunk) else {
-            return Ok(false);
-        };
-        let _busy = self.shared.busy.lock(off, len).await;
-        // Cleared before reading: a guest write from now on sets it again.
-        self.shared.dirty.lock().clear(off, len);
-        let (is_read, r) = {
-            let _a = root.admit().await;
-            self.copy_run(&self.params.source, target, off, len).await
-        };
-        match r {
-            Ok(()) => {
+        let chunk =
+            (self.params.buf_size / MAX_IN_FLIGHT as u64).clamp(self.params.granularity, 4 << 20);
+        let mut runs = Vec::new();
+        {
+            let mut dirty = self.shared.dirty.lock();
+            while runs.len() < MAX_IN_FLIGHT {
+                let Some((off, len)) = dirty.next_run(*cursor, chunk) else {
+                    break;
+                };
+                // Cleared before reading: a guest write from now on sets
+                // it again.
+                dirty.clear(off, len);
                 *cursor = off + len;
-                job.progress_update(len);
-                Ok(true)
+                runs.push((off, len));
             }
-            Err(e) => {
-                self.shared.dirty.lock().set(off, len);
-                match job.error_action(is_read, &e) {
-                    ErrorAction::Stop | ErrorAction::Ignore => Ok(true),
-                    ErrorAction::Report => Err(e),
+        }
+        if runs.is_empty() {
+            return Ok(false);
+        }
+        let copies = runs.iter().map(|&(off, len)| async move {
+            let _busy = self.shared.busy.lock(off, len).await;
+            let _admitted = root.admit().await;
+            let (is_read, r) = self.copy_run(&self.params.source, target, off, len).await;
+            (off, len, is_read, r)
+        });
+        let mut failure = None;
+        for (off, len, is_read, r) in futures::future::join_all(copies).await {
+            match r {
+                Ok(()) => job.progress_update(len),
+                Err(e) => {
+                    self.shared.dirty.lock().set(off, len);
+                    failure.get_or_insert((is_read, e));
                 }
             }
         }
+        if let Some((is_read, e)) = failure {
+            if job.error_action(is_read, &e) == ErrorAction::Report {
+                return Err(e);
+            }
+        }
+        Ok(true)
     }
 }
 
@@ -437,7 +459,7 @@ impl JobDriver for Mirror {
                 return Ok(());
             }
             let before = job.progress().0;
-            self.copy_next(job, &root, &target, &mut cursor).await?;
+            self.copy_batch(job, &root, &target, &mut cursor).await?;
             let copied = job.progress().0 - before;
             job.rate_limit(copied).await;
         }
