@@ -1254,25 +1254,7 @@ impl Writer {
         buf[within - rs..within - rs + n].copy_from_slice(&bytes);
         let new_bitmap = u64::from(alloc | mask) | (u64::from(zero & !mask) << 32);
         match host {
-            Some(h) if shared => {
-                let new = Self::alloc_data(d, file, &dnode, st, guest).await?;
-                let mut full = IoBuf::zeroed(cs);
-                file.debug_event(DebugEvent::CowRead).await;
-                read_clipped(&dnode, h, full.as_read_buf()).await?;
-                full[rs..re].copy_from_slice(&buf);
-                file.debug_event(DebugEvent::CowWrite).await;
-                dnode
-                    .write(new, full.freeze(), WriteFlags::default())
-                    .await?;
-                pending.push(Pending {
-                    l2_off,
-                    idx,
-                    entry: new | COPIED,
-                    bitmap: Some(new_bitmap),
-                    old: entry,
-                });
-            }
-            Some(h) => {
+            Some(h) if !shared => {
                 file.debug_event(DebugEvent::WriteAio).await;
                 dnode
                     .write(h + rs as u64, buf.freeze(), WriteFlags::default())
@@ -1282,11 +1264,21 @@ impl Writer {
                 Self::l2_depends_on_refcounts(d, file, st).await?;
                 Self::set_l2_words(d, file, st, l2_off, 2 * idx + 1, &[new_bitmap]).await?;
             }
-            None => {
+            // A new cluster: a copy of the shared one, or fresh.
+            _ => {
                 let new = Self::alloc_data(d, file, &dnode, st, guest).await?;
                 let mut full = IoBuf::zeroed(cs);
+                if let Some(h) = host {
+                    file.debug_event(DebugEvent::CowRead).await;
+                    read_clipped(&dnode, h, full.as_read_buf()).await?;
+                }
                 full[rs..re].copy_from_slice(&buf);
-                file.debug_event(DebugEvent::WriteAio).await;
+                let event = if host.is_some() {
+                    DebugEvent::CowWrite
+                } else {
+                    DebugEvent::WriteAio
+                };
+                file.debug_event(event).await;
                 dnode
                     .write(new, full.freeze(), WriteFlags::default())
                     .await?;
