@@ -51,6 +51,8 @@ fn fio_writes_and_verifies_through_a_sluice_export() {
             "--do_verify=1",
             "--verify_fatal=1",
             "--randseed=42",
+            // No verify-state file left in the working directory.
+            "--verify_state_save=0",
         ],
     );
     assert!(
