@@ -959,6 +959,10 @@ impl Extension for JobCommands {
             res
         })
     }
+
+    fn before_quit<'a>(&'a self, qmp: &'a Qmp) -> BoxFuture<'a, ()> {
+        Box::pin(self.cancel_all(qmp))
+    }
 }
 
 fn emit_queued(rx: &mut UnboundedReceiver<JobEvent>, qmp: &Qmp) {

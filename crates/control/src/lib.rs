@@ -6,3 +6,4 @@ pub mod jobs;
 pub mod keyval;
 pub mod objects;
 pub mod qmp;
+pub mod reopen;

@@ -75,6 +75,14 @@ pub trait Extension: Send + Sync {
         name: &'a str,
         args: Map<String, Value>,
     ) -> BoxFuture<'a, Result<Value, QmpError>>;
+
+    /// Runs when `quit` arrives, before its reply: what the extension must
+    /// wind down while the monitor can still report it (QEMU's storage
+    /// daemon cancels its jobs, and their events reach the client before
+    /// the reply to `quit`).
+    fn before_quit<'a>(&'a self, _qmp: &'a Qmp) -> BoxFuture<'a, ()> {
+        Box::pin(async {})
+    }
 }
 
 /// Built-in commands.
@@ -171,6 +179,9 @@ impl Qmp {
             }
             "quit" => {
                 no_args(&args)?;
+                for ext in &self.inner.extensions {
+                    ext.before_quit(self).await;
+                }
                 self.inner.quit.send_replace(true);
                 Ok(json!({}))
             }

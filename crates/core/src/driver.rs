@@ -310,6 +310,27 @@ pub trait BlockDriver: Send + Sync + 'static {
         })
     }
 
+    /// Switches the driver to `read_only` (QEMU's `bdrv_reopen_prepare` and
+    /// commit for the `read-only` option). Core calls it drained, with the
+    /// node's flag still at the old value and flips the flag after: to
+    /// read-write once the children it writes through are writable, to
+    /// read-only before they stop being. A driver that fails must be left
+    /// as it was. The default can only keep the current mode.
+    async fn reopen(&self, node: &Node, read_only: bool) -> Result<()> {
+        if node.is_read_only() == read_only {
+            return Ok(());
+        }
+        Err(Error::NotSupported {
+            node: node.name().to_string(),
+            driver: self.driver_name(),
+            what: if read_only {
+                "reopening read-only"
+            } else {
+                "reopening read-write"
+            },
+        })
+    }
+
     /// Whether this driver reacts to debug events (only `blkdebug` does).
     fn handles_debug_events(&self) -> bool {
         false

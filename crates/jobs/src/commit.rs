@@ -14,7 +14,9 @@ use crate::job::{ErrorAction, Job, JobDriver, JobManager, JobOptions};
 use crate::stream::rewrite_backing;
 use async_trait::async_trait;
 use parking_lot::Mutex;
-use sluice_core::{Error, Graph, Node, Parent, Perm, PermPair, Result, Role, Root, WriteFlags};
+use sluice_core::{
+    Error, Graph, GraphWriter, Node, Parent, Perm, PermPair, Result, Role, Root, WriteFlags,
+};
 use std::sync::Arc;
 
 /// How much one step copies (QEMU's `COMMIT_BUFFER_SIZE`).
@@ -38,6 +40,40 @@ struct Commit {
     filter: Mutex<Option<Arc<Node>>>,
     top_root: Mutex<Option<Arc<Root>>>,
     base_root: Mutex<Option<Arc<Root>>>,
+    /// The base, when the job made it writable: read-only again at the end.
+    reopened_base: Mutex<Option<Arc<Node>>>,
+}
+
+/// Makes `base` writable for a commit into it, as QEMU's commit does for
+/// a base opened read-only (from an overlay's header, say); returns it
+/// when it had to be switched, so that the job can switch it back.
+pub(crate) async fn make_base_writable(
+    w: &GraphWriter<'_>,
+    base: &Arc<Node>,
+) -> Result<Option<Arc<Node>>> {
+    if !base.is_read_only() {
+        return Ok(None);
+    }
+    reopen(w, base, false).await?;
+    Ok(Some(base.clone()))
+}
+
+/// Puts back a base [`make_base_writable`] switched, once the job no
+/// longer writes it. A failure leaves it writable, which loses nothing.
+pub(crate) async fn restore_base(w: &GraphWriter<'_>, base: Option<Arc<Node>>) {
+    if let Some(base) = base {
+        if let Err(e) = reopen(w, &base, true).await {
+            tracing::warn!(
+                node = base.name(),
+                "could not make the base read-only again: {e}"
+            );
+        }
+    }
+}
+
+async fn reopen(w: &GraphWriter<'_>, node: &Arc<Node>, read_only: bool) -> Result<()> {
+    let drained = w.drain_for_reopen(node).await;
+    w.reopen_read_only(&drained, node, read_only).await
 }
 
 /// The nodes that use `node` as their backing layer.
@@ -66,25 +102,27 @@ pub async fn start(jobs: &JobManager, opts: JobOptions, params: CommitParams) ->
         return crate::mirror::start_active_commit(jobs, opts, &params.top, &params.base, filter)
             .await;
     }
-    let base = skip_filters(&params.base);
-    if base.is_read_only() {
-        return Err(Error::Other(format!(
-            "Node '{}' is read-only: cannot commit into it",
-            base.name()
-        )));
-    }
-    let filter = insert_filter(
+    let reopened = make_base_writable(&w, &skip_filters(&params.base)).await?;
+    let filter = match insert_filter(
         &w,
         &params.top,
         Box::new(JobFilter(CommitTop)),
         params.filter_node_name.as_deref(),
     )
-    .await?;
+    .await
+    {
+        Ok(f) => f,
+        Err(e) => {
+            restore_base(&w, reopened).await;
+            return Err(e);
+        }
+    };
     let roots = add_roots(&w, &opts.id, &params).await;
     let (top_root, base_root) = match roots {
         Ok(r) => r,
         Err(e) => {
             remove_filter(&w, &params.top, &filter).await;
+            restore_base(&w, reopened).await;
             return Err(e);
         }
     };
@@ -94,18 +132,20 @@ pub async fn start(jobs: &JobManager, opts: JobOptions, params: CommitParams) ->
         filter: Mutex::new(Some(filter)),
         top_root: Mutex::new(Some(Arc::new(top_root))),
         base_root: Mutex::new(Some(Arc::new(base_root))),
+        reopened_base: Mutex::new(reopened.clone()),
     };
     // On an error the driver is dropped and its roots with it; the filter
-    // is taken out below.
+    // is taken out and the base switched back below.
     let top = driver.params.top.clone();
     let filter = driver.filter.lock().clone();
     match jobs.spawn(opts, Box::new(driver)) {
         Ok(job) => Ok(job),
         Err(e) => {
+            let w = jobs.graph().writer().await;
             if let Some(f) = filter {
-                let w = jobs.graph().writer().await;
                 remove_filter(&w, &top, &f).await;
             }
+            restore_base(&w, reopened).await;
             Err(e)
         }
     }
@@ -259,9 +299,11 @@ impl JobDriver for Commit {
         self.top_root.lock().take();
         self.base_root.lock().take();
         let filter = self.filter.lock().take();
+        let base = self.reopened_base.lock().take();
+        let w = graph.writer().await;
         if let Some(f) = filter {
-            let w = graph.writer().await;
             remove_filter(&w, &self.params.top, &f).await;
         }
+        restore_base(&w, base).await;
     }
 }

@@ -16,6 +16,7 @@
 
 use crate::bitmap::{Busy, DirtyBitmap};
 use crate::chain::{allocated_above, skip_filters};
+use crate::commit::{make_base_writable, restore_base};
 use crate::filters::{insert_filter, remove_filter, FilterHooks, GuestWrite, JobFilter, WriteKind};
 use crate::job::{ErrorAction, Job, JobDriver, JobManager, JobOptions};
 use async_trait::async_trait;
@@ -182,6 +183,9 @@ struct Mirror {
     source_root: Mutex<Option<Arc<Root>>>,
     should_complete: AtomicBool,
     job_type: &'static str,
+    /// An active commit's base that the job made writable: read-only
+    /// again at the end, unless it took the active layer's place.
+    reopened_base: Mutex<Option<Arc<Node>>>,
 }
 
 /// Starts a mirror of `params.source` to `params.target`.
@@ -243,7 +247,12 @@ async fn start_as(
         is_commit,
     });
     let w = jobs.graph().writer().await;
-    let filter = insert_filter(
+    let reopened = if is_commit {
+        make_base_writable(&w, target).await?
+    } else {
+        None
+    };
+    let filter = match insert_filter(
         &w,
         source,
         Box::new(JobFilter(MirrorTop {
@@ -251,7 +260,14 @@ async fn start_as(
         })),
         params.filter_node_name.as_deref(),
     )
-    .await?;
+    .await
+    {
+        Ok(f) => f,
+        Err(e) => {
+            restore_base(&w, reopened).await;
+            return Err(e);
+        }
+    };
     let roots = async {
         let s = w
             .add_root(
@@ -276,6 +292,7 @@ async fn start_as(
         Ok(r) => r,
         Err(e) => {
             remove_filter(&w, source, &filter).await;
+            restore_base(&w, reopened).await;
             return Err(e);
         }
     };
@@ -289,6 +306,7 @@ async fn start_as(
         source_root: Mutex::new(Some(Arc::new(source_root))),
         should_complete: AtomicBool::new(false),
         job_type,
+        reopened_base: Mutex::new(reopened.clone()),
     };
     match jobs.create(opts, Box::new(driver), None) {
         Ok(job) => {
@@ -300,6 +318,7 @@ async fn start_as(
             shared.target.lock().take();
             let w = jobs.graph().writer().await;
             remove_filter(&w, &source, &filter).await;
+            restore_base(&w, reopened).await;
             Err(e)
         }
     }
@@ -511,6 +530,8 @@ impl JobDriver for Mirror {
             Err(e) => return Err(e),
         }
         self.filter.lock().take();
+        // The base is the active layer now: it stays writable.
+        self.reopened_base.lock().take();
         Ok(())
     }
 
@@ -518,9 +539,11 @@ impl JobDriver for Mirror {
         self.source_root.lock().take();
         self.shared.target.lock().take();
         let filter = self.filter.lock().take();
+        let base = self.reopened_base.lock().take();
+        let w = graph.writer().await;
         if let Some(f) = filter {
-            let w = graph.writer().await;
             remove_filter(&w, &self.params.source, &f).await;
         }
+        restore_base(&w, base).await;
     }
 }

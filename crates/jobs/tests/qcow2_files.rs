@@ -11,7 +11,7 @@ mod qcommon;
 use qcommon::{qemu_img, qemu_io, TempDir, MIB};
 use rand::{rngs::SmallRng, Rng, SeedableRng};
 use serde_json::{json, Value};
-use sluice_core::{Graph, IoBytes, Node, PermPair, Root, WriteFlags};
+use sluice_core::{Graph, IoBytes, Node, PermPair, Role, Root, WriteFlags};
 use sluice_jobs::backup::{self, BackupParams};
 use sluice_jobs::commit::{self, CommitParams};
 use sluice_jobs::mirror::{self, MirrorParams, SyncMode};
@@ -458,4 +458,78 @@ async fn mirror_soft_cancel_after_ready_on_qcow2_files() {
     close_all(&graph, vec![guest]).await;
     assert_image(&dir, &target, &model, seed);
     assert_image(&dir, &paths[1], &model, seed);
+}
+
+/// A chain opened from the overlay's header has read-only backing nodes:
+/// commit (intermediate, then active) switches the base read-write for
+/// the job, and back to read-only when an intermediate commit ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_into_a_read_only_base_opened_from_headers() {
+    let seed = seed();
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let dir = TempDir::new("commit-ro-base");
+    let names = ["base", "mid", "top"];
+    let (paths, mut model) = make_chain(
+        &dir,
+        &names,
+        &[
+            (0, 0, MIB, 0x11),
+            (1, 128 << 10, 512 << 10, 0x22),
+            (2, 0, 64 << 10, 0x33),
+        ],
+    );
+    let graph = Graph::new();
+    let w = graph.writer().await;
+    let top = dcommon::add(
+        &w,
+        json!({"driver": "qcow2", "node-name": "top",
+               "file": {"driver": "file", "filename": paths[2]}}),
+    )
+    .await;
+    drop(w);
+    let mid = top.child(Role::Backing).unwrap();
+    let base = mid.child(Role::Backing).unwrap();
+    assert!(mid.is_read_only() && base.is_read_only());
+    let guest = dcommon::root_on(&graph, "guest", &top, PermPair::writer())
+        .await
+        .unwrap();
+    let jobs = JobManager::new(graph.clone());
+    let params = CommitParams {
+        top: mid.clone(),
+        base: base.clone(),
+        backing_file: None,
+        filter_node_name: None,
+    };
+    let job = commit::start(&jobs, JobOptions::new("c"), params)
+        .await
+        .unwrap();
+    assert!(!base.is_read_only(), "writable while the job runs");
+    guest_writes(&guest, &mut model, &mut rng, 24).await;
+    assert_eq!(job.wait_concluded().await, None, "seed {seed}");
+    assert!(base.is_read_only(), "read-only again after the job");
+    assert!(base.child(Role::File).unwrap().is_read_only());
+    assert!(Arc::ptr_eq(&top.child(Role::Backing).unwrap(), &base));
+    assert_view(&guest, &model, seed).await;
+
+    // Active commit into the same read-only base: base takes top's place
+    // and stays writable.
+    let job = mirror::start_active_commit(&jobs, JobOptions::new("a"), &top, &base, None)
+        .await
+        .unwrap();
+    guest_writes(&guest, &mut model, &mut rng, 16).await;
+    job.wait_for(|s| s == JobStatus::Ready).await;
+    guest_writes(&guest, &mut model, &mut rng, 16).await;
+    job.complete().unwrap();
+    assert_eq!(job.wait_concluded().await, None, "seed {seed}");
+    assert!(Arc::ptr_eq(&guest.node(), &base));
+    assert!(!base.is_read_only());
+    assert_view(&guest, &model, seed).await;
+    drop((top, mid, base));
+    close_all(&graph, vec![guest]).await;
+    // The intermediate commit pointed top's header at base.
+    assert_eq!(chain_of(&paths[2]), [paths[2].as_str(), &paths[0]]);
+    for p in &paths {
+        qemu_img(&["check", p]);
+    }
+    assert_image(&dir, &paths[0], &model, seed);
 }

@@ -53,8 +53,30 @@ pub struct Qcow2Driver {
     /// not cached (it may be stale).
     pub(crate) l2_epoch: std::sync::atomic::AtomicU64,
     snapshots: Vec<Snapshot>,
-    /// The write side, when the node is writable.
-    pub(crate) writer: Option<crate::write::Writer>,
+    /// The write side, when the node is writable; a reopen creates or
+    /// drops it.
+    pub(crate) writer: WriterSlot,
+    /// What a reopen read-write needs to create the writer.
+    refcount_cache: Option<u64>,
+    lazy_refcounts: Option<bool>,
+}
+
+/// The write side of a qcow2 node, present while the node is writable.
+/// A request holds its own reference; a reopen (drained) swaps the slot.
+#[derive(Default)]
+pub(crate) struct WriterSlot(parking_lot::RwLock<Option<Arc<crate::write::Writer>>>);
+
+impl WriterSlot {
+    /// The writer, if the node is writable. (Named as `Option::as_ref`,
+    /// which the slot replaced, so its callers read the same.)
+    #[allow(clippy::should_implement_trait)]
+    pub(crate) fn as_ref(&self) -> Option<Arc<crate::write::Writer>> {
+        self.0.read().clone()
+    }
+
+    fn set(&self, w: Option<crate::write::Writer>) {
+        *self.0.write() = w.map(Arc::new);
+    }
 }
 
 /// Reads `len` bytes of metadata at `offset` of `file`; metadata past the
@@ -119,6 +141,38 @@ pub(crate) async fn read_header(file: &Node, name: &str) -> Result<Header> {
     Header::parse(&head, file_size, name)
 }
 
+/// Reads the header for a writable open: a corrupt image is refused, a
+/// dirty one (refcounts behind the tables after a crash with lazy
+/// refcounts) repaired first, as QEMU does. Also says whether it repaired.
+async fn writable_header(file: &Arc<Node>, name: &str) -> Result<(Header, bool)> {
+    let header = read_header(file, name).await?;
+    if header.is_corrupt() {
+        return Err(corrupt(
+            name,
+            "Image is corrupt; cannot be opened read/write",
+        ));
+    }
+    if !header.is_dirty() {
+        return Ok((header, false));
+    }
+    crate::check::repair_dirty(file, name).await?;
+    Ok((read_header(file, name).await?, true))
+}
+
+/// The write side for `header`; lazy refcounts as asked, else as the
+/// image says (version 3 only).
+async fn open_writer(
+    file: &Arc<Node>,
+    header: &Header,
+    name: &str,
+    refcount_cache: Option<u64>,
+    lazy: Option<bool>,
+) -> Result<crate::write::Writer> {
+    let lazy = header.version >= 3
+        && lazy.unwrap_or(header.compatible_features & compat::LAZY_REFCOUNTS != 0);
+    crate::write::Writer::open(file, header, name, refcount_cache, lazy).await
+}
+
 pub(crate) fn decode_table(bytes: &[u8]) -> Table {
     bytes
         .chunks_exact(8)
@@ -133,19 +187,11 @@ impl Qcow2Driver {
     pub async fn open(file: &Arc<Node>, opts: &Qcow2Options, read_only: bool) -> Result<Self> {
         let filename = file.driver().filename();
         let name = filename.clone().unwrap_or_else(|| file.name().to_string());
-        let mut header = read_header(file, &name).await?;
-        if header.is_corrupt() && !read_only {
-            return Err(corrupt(
-                &name,
-                "Image is corrupt; cannot be opened read/write",
-            ));
-        }
-        if header.is_dirty() && !read_only {
-            // Refcounts may lag behind the tables (lazy refcounts and a
-            // crash): rebuilt before anything is written, as QEMU does.
-            crate::check::repair_dirty(file, &name).await?;
-            header = read_header(file, &name).await?;
-        }
+        let header = if read_only {
+            read_header(file, &name).await?
+        } else {
+            writable_header(file, &name).await?.0
+        };
         let layout = Layout::of(&header);
         let l1_bytes = u64::from(header.l1_size) * 8;
         debug_assert!(l1_bytes <= MAX_L1_BYTES);
@@ -157,15 +203,19 @@ impl Qcow2Driver {
         let writer = if read_only {
             None
         } else {
-            let lazy = header.version >= 3
-                && opts
-                    .lazy_refcounts
-                    .unwrap_or(header.compatible_features & compat::LAZY_REFCOUNTS != 0);
             Some(
-                crate::write::Writer::open(file, &header, &name, opts.refcount_cache_size, lazy)
-                    .await?,
+                open_writer(
+                    file,
+                    &header,
+                    &name,
+                    opts.refcount_cache_size,
+                    opts.lazy_refcounts,
+                )
+                .await?,
             )
         };
+        let slot = WriterSlot::default();
+        slot.set(writer);
         Ok(Qcow2Driver {
             layout,
             name,
@@ -174,9 +224,63 @@ impl Qcow2Driver {
             l2_cache: TableCache::new(tables, opts.clean_interval()),
             l2_epoch: std::sync::atomic::AtomicU64::new(0),
             snapshots,
-            writer,
+            writer: slot,
+            refcount_cache: opts.refcount_cache_size,
+            lazy_refcounts: opts.lazy_refcounts,
             header: crate::header_write::HeaderCell::new(header),
         })
+    }
+
+    /// Switches to read-write (the checks of a writable open: a corrupt
+    /// image is refused, a dirty one repaired; then the writer) or to
+    /// read-only (everything written back and flushed, the image marked
+    /// clean, the writer dropped), as QEMU's `qcow2_reopen_prepare`.
+    async fn reopen_as(&self, node: &Node, read_only: bool) -> Result<()> {
+        let file = self.file(node)?;
+        if read_only {
+            let Some(w) = self.writer.as_ref() else {
+                return Ok(());
+            };
+            if self.layout.data_file {
+                self.data_node(node)?.flush().await?;
+            }
+            // As a close: a lazy-refcounts image's dirty bit is cleared.
+            w.flush(self, &file, true).await?;
+            self.writer.set(None);
+            return Ok(());
+        }
+        if self.writer.as_ref().is_some() {
+            return Ok(());
+        }
+        let (header, repaired) = writable_header(&file, &self.name).await?;
+        if repaired {
+            // The repair may have rewritten table entries (their COPIED
+            // flags): nothing read before it is trusted.
+            let l1_bytes = u64::from(header.l1_size) * 8;
+            let raw = read_meta(
+                &file,
+                header.l1_table_offset,
+                l1_bytes,
+                "L1 table",
+                &self.name,
+            )
+            .await?;
+            *self.l1.write() = decode_table(&raw).to_vec();
+            self.l2_cache.clear();
+            self.l2_epoch
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        let w = open_writer(
+            &file,
+            &header,
+            &self.name,
+            self.refcount_cache,
+            self.lazy_refcounts,
+        )
+        .await?;
+        self.set_header(header);
+        self.writer.set(Some(w));
+        Ok(())
     }
 
     /// The current header (as last written by sluice, or as opened).
@@ -533,6 +637,10 @@ impl BlockDriver for Qcow2Driver {
         self.filename.clone()
     }
 
+    async fn reopen(&self, node: &Node, read_only: bool) -> Result<()> {
+        self.reopen_as(node, read_only).await
+    }
+
     async fn read(&self, node: &Node, offset: u64, mut buf: ReadBuf<'_>) -> Result<()> {
         let file = self.file(node)?;
         let total = buf.len() as u64;
@@ -577,7 +685,7 @@ impl BlockDriver for Qcow2Driver {
         data: IoBytes,
         flags: WriteFlags,
     ) -> Result<()> {
-        match &self.writer {
+        match self.writer.as_ref() {
             Some(w) => w.write(self, node, offset, data, flags).await,
             None => Err(self.writes_unsupported(node)),
         }
@@ -590,14 +698,14 @@ impl BlockDriver for Qcow2Driver {
         len: u64,
         flags: ZeroFlags,
     ) -> Result<()> {
-        match &self.writer {
+        match self.writer.as_ref() {
             Some(w) => w.write_zeroes(self, node, offset, len, flags).await,
             None => Err(self.writes_unsupported(node)),
         }
     }
 
     async fn discard(&self, node: &Node, offset: u64, len: u64) -> Result<()> {
-        match &self.writer {
+        match self.writer.as_ref() {
             Some(w) => w.discard(self, node, offset, len).await,
             None => Err(self.writes_unsupported(node)),
         }
@@ -611,7 +719,7 @@ impl BlockDriver for Qcow2Driver {
         if self.layout.data_file {
             self.data_node(node)?.flush().await?;
         }
-        match &self.writer {
+        match self.writer.as_ref() {
             // Dirty metadata is written back in order, then the file
             // flushed; the flush of a closing node also clears the
             // header's dirty bit (lazy refcounts).

@@ -24,6 +24,7 @@ use serde_json::{json, Map, Value};
 use sluice_control::jobs::JobCommands;
 use sluice_control::objects::{self, ObjectCommands};
 use sluice_control::qmp::{self, BoxFuture, MonitorListener, Qmp, QmpError};
+use sluice_control::reopen::ReopenCommands;
 use sluice_core::Graph;
 use sluice_drivers::blockdev_add;
 use sluice_exports::{ExportConfig, ListenAddr, NbdServer, RemoveMode, ServerConfig};
@@ -356,6 +357,7 @@ async fn serve(
             nbd.clone() as Arc<dyn qmp::Extension>,
             jobs.clone() as Arc<dyn qmp::Extension>,
             ObjectCommands::new() as Arc<dyn qmp::Extension>,
+            ReopenCommands::new() as Arc<dyn qmp::Extension>,
         ],
     );
     let _events = jobs.forward_events(&qmp);

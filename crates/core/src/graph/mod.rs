@@ -3,6 +3,7 @@
 pub(crate) mod links;
 mod node;
 mod perms;
+mod reopen;
 mod root;
 mod serialize;
 mod snapshot;
@@ -215,6 +216,38 @@ impl<'g> GraphWriter<'g> {
         let mut tx = self.transaction();
         tx.drop_filter(proof, filter)?;
         tx.commit().await
+    }
+
+    /// Drains everything a reopen of `node` may switch: `node` and the
+    /// children it writes through (see [`GraphWriter::reopen_read_only`]).
+    pub async fn drain_for_reopen(&self, node: &Arc<Node>) -> DrainedAll<'_> {
+        DrainedAll::begin(reopen::write_through_subtree(node)).await
+    }
+
+    /// Switches `node`, and the implicit children it writes through, to
+    /// read-only or read-write (QEMU's `bdrv_reopen_set_read_only`), then
+    /// rechecks permissions; on any failure everything is switched back.
+    /// The proof must cover every node switched ([`Self::drain_for_reopen`]).
+    pub async fn reopen_read_only(
+        &self,
+        proof: &dyn DrainProof,
+        node: &Arc<Node>,
+        read_only: bool,
+    ) -> Result<()> {
+        reopen::reopen_nodes(self, proof, vec![(node.clone(), read_only)]).await
+    }
+
+    /// Switches several nodes, each to its mode (and the implicit
+    /// children that follow it, unless named themselves), as one step:
+    /// QEMU's `blockdev-reopen` with several entries. The same order,
+    /// checks and rollback as [`Self::reopen_read_only`]; the last entry
+    /// for a node counts.
+    pub async fn reopen_nodes(
+        &self,
+        proof: &dyn DrainProof,
+        targets: Vec<(Arc<Node>, bool)>,
+    ) -> Result<()> {
+        reopen::reopen_nodes(self, proof, targets).await
     }
 
     /// Removes a node no one uses (`blockdev-del`).

@@ -235,6 +235,12 @@ impl Node {
         self.read_only.load(SeqCst)
     }
 
+    /// Flips the read-only flag once the driver has switched (core's
+    /// reopen, under a drain that covers this node, is the only caller).
+    pub(crate) fn set_read_only(&self, read_only: bool) {
+        self.read_only.store(read_only, SeqCst);
+    }
+
     pub fn request_alignment(&self) -> u64 {
         self.align
     }

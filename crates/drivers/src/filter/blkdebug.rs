@@ -291,6 +291,11 @@ impl BlockDriver for BlkdebugDriver {
         "blkdebug"
     }
 
+    /// A filter: its child switches on its own.
+    async fn reopen(&self, _node: &Node, _read_only: bool) -> Result<()> {
+        Ok(())
+    }
+
     fn request_alignment(&self) -> u32 {
         self.align
     }

@@ -81,6 +81,11 @@ impl BlockDriver for CopyOnReadDriver {
         "copy-on-read"
     }
 
+    /// A filter: its child switches on its own.
+    async fn reopen(&self, _node: &Node, _read_only: bool) -> Result<()> {
+        Ok(())
+    }
+
     fn is_filter(&self) -> bool {
         true
     }

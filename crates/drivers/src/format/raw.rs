@@ -55,6 +55,12 @@ impl BlockDriver for RawDriver {
         "raw"
     }
 
+    /// Passes through: the `file` child switches on its own (core
+    /// reopens it first or after, as the direction needs).
+    async fn reopen(&self, _node: &Node, _read_only: bool) -> Result<()> {
+        Ok(())
+    }
+
     fn child_perm(&self, _role: Role, parents: PermPair, node_writable: bool) -> PermPair {
         // raw shows its file as it is: forward what the parents need.
         ChildPermModel::Filter.child_perm(parents, node_writable)

@@ -104,6 +104,11 @@ impl BlockDriver for MemoryDriver {
         "memory"
     }
 
+    /// Memory is as writable as the node says: nothing to switch.
+    async fn reopen(&self, _node: &Node, _read_only: bool) -> Result<()> {
+        Ok(())
+    }
+
     fn supports_backing(&self) -> bool {
         true
     }

@@ -57,6 +57,11 @@ impl BlockDriver for NullDriver {
         self.name
     }
 
+    /// Nothing is stored: nothing to switch.
+    async fn reopen(&self, _node: &Node, _read_only: bool) -> Result<()> {
+        Ok(())
+    }
+
     async fn read(&self, _node: &Node, _offset: u64, mut buf: ReadBuf<'_>) -> Result<()> {
         if self.read_zeroes {
             buf.fill(0);

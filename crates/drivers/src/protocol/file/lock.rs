@@ -216,6 +216,30 @@ pub fn apply(fd: RawFd, st: &mut LockState, new: PermPair, filename: &str) -> Re
     }
 }
 
+/// Moves the bytes `st` holds from `old` to `new` (another open file
+/// description of the same file, as a reopen makes): the new one takes
+/// them first, so the image is never unlocked in between, then the old one
+/// lets go. Our two descriptions then hold the same shared bytes for a
+/// moment, which never conflicts. On failure `new` holds nothing and `old`
+/// keeps everything.
+pub fn transfer(old: RawFd, new: RawFd, st: &LockState) -> Result<(), String> {
+    let mut moved = LockState {
+        perms: st.perms,
+        ..LockState::default()
+    };
+    if let Err(e) = apply_bytes(new, &mut moved, st.locked_perm, st.locked_unshared, false) {
+        release(new, &mut moved);
+        return Err(e);
+    }
+    let mut left = LockState {
+        perms: st.perms,
+        locked_perm: st.locked_perm,
+        locked_unshared: st.locked_unshared,
+    };
+    release(old, &mut left);
+    Ok(())
+}
+
 /// Drops every lock byte `st` says is held.
 pub fn release(fd: RawFd, st: &mut LockState) {
     let _ = apply_bytes(fd, st, Perm::empty(), Perm::empty(), true);

@@ -19,7 +19,7 @@ pub mod lock;
 pub use engine::{EngineKind, IoEngine};
 
 use async_trait::async_trait;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use serde::Deserialize;
 use sluice_core::buf::IoBuf;
 use sluice_core::perm::{Perm, PermPair};
@@ -174,7 +174,9 @@ pub fn default_perms(read_only: bool) -> PermPair {
 /// An open `file` node.
 pub struct FileDriver {
     filename: String,
-    fd: Arc<OwnedFd>,
+    /// Swapped by a reopen (drained); an operation keeps the descriptor it
+    /// started with.
+    fd: RwLock<Arc<OwnedFd>>,
     engine: &'static dyn IoEngine,
     /// The engine for writes. Without an `aio` option, buffered writes go
     /// to the thread pool even when io_uring is chosen: io_uring hands
@@ -182,7 +184,7 @@ pub struct FileDriver {
     /// that measured slower than the pool (BENCHMARKS.md).
     write_engine: &'static dyn IoEngine,
     cache: CacheMode,
-    read_only: bool,
+    read_only: AtomicBool,
     /// Offsets and lengths of requests are multiples of this.
     align: u32,
     /// With `O_DIRECT`, buffer addresses must be multiples of this.
@@ -202,7 +204,7 @@ impl fmt::Debug for FileDriver {
             .field("filename", &self.filename)
             .field("engine", &self.engine.kind())
             .field("cache", &self.cache)
-            .field("read_only", &self.read_only)
+            .field("read_only", &self.is_read_only())
             .field("align", &self.align)
             .finish()
     }
@@ -216,7 +218,7 @@ impl Drop for FileDriver {
     /// hold the fd.
     fn drop(&mut self) {
         if self.use_lock {
-            lock::release(self.fd.as_raw_fd(), &mut self.lock.lock());
+            lock::release(self.fd().as_raw_fd(), &mut self.lock.lock());
         }
     }
 }
@@ -255,43 +257,7 @@ pub async fn open(
         engine
     };
 
-    let path = CString::new(opts.filename.as_bytes())
-        .map_err(|_| open_err(io::Error::from_raw_os_error(libc::EINVAL)))?;
-    let mut flags = libc::O_CLOEXEC
-        | if read_only {
-            libc::O_RDONLY
-        } else {
-            libc::O_RDWR
-        };
-    if cache.direct {
-        flags |= libc::O_DIRECT;
-    }
-    let fd = loop {
-        // SAFETY: `path` is a valid C string.
-        let fd = unsafe { libc::open(path.as_ptr(), flags) };
-        if fd >= 0 {
-            // SAFETY: a fresh fd nobody else owns.
-            break unsafe { OwnedFd::from_raw_fd(fd) };
-        }
-        let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EINTR) => continue,
-            // As QEMU: a read-only file system is a permission problem.
-            Some(libc::EROFS) => return Err(open_err(io::Error::from_raw_os_error(libc::EACCES))),
-            _ => return Err(open_err(e)),
-        }
-    };
-
-    let st = fstat(fd.as_raw_fd()).map_err(open_err)?;
-    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
-        return Err(Error::invalid_option(
-            "file",
-            format!(
-                "'file' driver requires '{}' to be a regular file",
-                opts.filename
-            ),
-        ));
-    }
+    let (fd, st) = open_fd(&opts.filename, read_only, cache.direct)?;
     let size = st.st_size as u64;
 
     let use_lock = match opts.locking {
@@ -316,11 +282,11 @@ pub async fn open(
 
     let driver = FileDriver {
         filename: opts.filename.clone(),
-        fd,
+        fd: RwLock::new(fd),
         engine,
         write_engine,
         cache,
-        read_only,
+        read_only: AtomicBool::new(read_only),
         align,
         mem_align,
         use_lock,
@@ -333,6 +299,50 @@ pub async fn open(
         .lock_perms(default_perms(read_only))
         .map_err(|msg| open_err(io::Error::new(io::ErrorKind::WouldBlock, msg)))?;
     Ok((driver, size))
+}
+
+/// Opens `filename` read-only or read-write (and `O_DIRECT`) as QEMU's
+/// file-posix does; it must be a regular file. Returns the descriptor and
+/// what `fstat` says of it.
+fn open_fd(filename: &str, read_only: bool, direct: bool) -> Result<(OwnedFd, libc::stat)> {
+    let open_err = |source: io::Error| Error::Open {
+        file: filename.to_string(),
+        source,
+    };
+    let path = CString::new(filename.as_bytes())
+        .map_err(|_| open_err(io::Error::from_raw_os_error(libc::EINVAL)))?;
+    let mut flags = libc::O_CLOEXEC
+        | if read_only {
+            libc::O_RDONLY
+        } else {
+            libc::O_RDWR
+        };
+    if direct {
+        flags |= libc::O_DIRECT;
+    }
+    let fd = loop {
+        // SAFETY: `path` is a valid C string.
+        let fd = unsafe { libc::open(path.as_ptr(), flags) };
+        if fd >= 0 {
+            // SAFETY: a fresh fd nobody else owns.
+            break unsafe { OwnedFd::from_raw_fd(fd) };
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            // As QEMU: a read-only file system is a permission problem.
+            Some(libc::EROFS) => return Err(open_err(io::Error::from_raw_os_error(libc::EACCES))),
+            _ => return Err(open_err(e)),
+        }
+    };
+    let st = fstat(fd.as_raw_fd()).map_err(open_err)?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(Error::invalid_option(
+            "file",
+            format!("'file' driver requires '{filename}' to be a regular file"),
+        ));
+    }
+    Ok((fd, st))
 }
 
 fn fstat(fd: RawFd) -> io::Result<libc::stat> {
@@ -399,7 +409,12 @@ impl FileDriver {
     }
 
     pub fn is_read_only(&self) -> bool {
-        self.read_only
+        self.read_only.load(Ordering::Acquire)
+    }
+
+    /// The descriptor I/O goes through now.
+    fn fd(&self) -> Arc<OwnedFd> {
+        self.fd.read().clone()
     }
 
     /// Whether image locking is in effect (`locking=off` or no OFD locks:
@@ -428,19 +443,73 @@ impl FileDriver {
             return Ok(());
         }
         let mut st = self.lock.lock();
-        lock::apply(self.fd.as_raw_fd(), &mut st, perms, &self.filename)
+        lock::apply(self.fd().as_raw_fd(), &mut st, perms, &self.filename)
+    }
+
+    /// Reopens the file read-only or read-write, as QEMU's
+    /// `raw_reopen_prepare`/`commit`: a new descriptor of the same file
+    /// with the new mode takes over the lock bytes, then replaces the old
+    /// one (the node is drained, so no request uses it). Read-write takes
+    /// the locks a read-write open takes, so another process holding a
+    /// conflicting lock refuses it, with QEMU's message; read-only gives
+    /// up the write locks, keeping what `users` (the node's users) need
+    /// otherwise. On error nothing changed.
+    pub fn reopen(&self, read_only: bool, users: PermPair) -> Result<()> {
+        if self.is_read_only() == read_only {
+            return Ok(());
+        }
+        let (new, st) = open_fd(&self.filename, read_only, self.cache.direct)?;
+        let cur = self.fd();
+        let old_st = fstat(cur.as_raw_fd()).map_err(|e| Error::Open {
+            file: self.filename.clone(),
+            source: e,
+        })?;
+        if (st.st_dev, st.st_ino) != (old_st.st_dev, old_st.st_ino) {
+            return Err(Error::Other(format!(
+                "Could not reopen '{}': the path names another file now",
+                self.filename
+            )));
+        }
+        let mut locks = self.lock.lock();
+        if self.use_lock {
+            let before = locks.perms;
+            if !read_only {
+                let rw = default_perms(false);
+                let want = PermPair::new(before.perm | rw.perm, before.shared & rw.shared);
+                lock::apply(cur.as_raw_fd(), &mut locks, want, &self.filename)
+                    .map_err(Error::Other)?;
+            }
+            if let Err(e) = lock::transfer(cur.as_raw_fd(), new.as_raw_fd(), &locks) {
+                if let Err(e) = lock::apply(cur.as_raw_fd(), &mut locks, before, &self.filename) {
+                    tracing::warn!("{}: {e}", self.filename);
+                }
+                return Err(Error::Other(format!("{}: {e}", self.filename)));
+            }
+        }
+        *self.fd.write() = Arc::new(new);
+        self.read_only.store(read_only, Ordering::Release);
+        if self.use_lock && read_only {
+            let writes = Perm::WRITE | Perm::WRITE_UNCHANGED | Perm::RESIZE;
+            let relaxed = PermPair::new(users.perm - writes, users.shared);
+            // Only gives bytes up: a failure keeps more than needed.
+            if let Err(e) = lock::apply(self.fd().as_raw_fd(), &mut locks, relaxed, &self.filename)
+            {
+                tracing::warn!("{}: {e}", self.filename);
+            }
+        }
+        Ok(())
     }
 
     /// Current length of the file.
     pub fn length(&self) -> Result<u64> {
-        fstat(self.fd.as_raw_fd())
+        fstat(self.fd().as_raw_fd())
             .map(|st| st.st_size as u64)
             .map_err(|e| Error::io(&self.filename, "stat", 0, 0, e))
     }
 
     /// Bytes allocated on the host (`qemu-img info`'s "disk size").
     pub fn allocated_size(&self) -> Result<u64> {
-        fstat(self.fd.as_raw_fd())
+        fstat(self.fd().as_raw_fd())
             .map(|st| st.st_blocks as u64 * 512)
             .map_err(|e| Error::io(&self.filename, "stat", 0, 0, e))
     }
@@ -448,7 +517,7 @@ impl FileDriver {
     /// Sets the file's length (`ftruncate`). The caller updates the node's
     /// size.
     pub async fn resize(&self, size: u64) -> Result<()> {
-        if self.read_only {
+        if self.is_read_only() {
             return Err(Error::ReadOnly {
                 node: self.filename.clone(),
                 user: "resize request".into(),
@@ -456,7 +525,7 @@ impl FileDriver {
             });
         }
         self.engine
-            .truncate(&self.fd, size)
+            .truncate(&self.fd(), size)
             .await
             .map(drop)
             .map_err(|e| Error::io(&self.filename, "truncate", size, 0, e))
@@ -521,7 +590,7 @@ impl FileDriver {
             // SAFETY: within the caller's buffer.
             let r = unsafe {
                 self.engine.read_at(
-                    &self.fd,
+                    &self.fd(),
                     offset + done as u64,
                     (addr + done) as *mut u8,
                     len - done,
@@ -567,7 +636,7 @@ impl FileDriver {
             // operation.
             let r = unsafe {
                 self.write_engine.write_at(
-                    &self.fd,
+                    &self.fd(),
                     offset + done as u64,
                     data.as_ptr().add(done),
                     len - done,
@@ -595,7 +664,7 @@ impl FileDriver {
             return Err(io::Error::from_raw_os_error(bad));
         }
         loop {
-            match self.engine.sync(&self.fd, true).await {
+            match self.engine.sync(&self.fd(), true).await {
                 Ok(_) => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
@@ -614,7 +683,7 @@ impl FileDriver {
 
     async fn fallocate(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
         loop {
-            match self.engine.fallocate(&self.fd, mode, offset, len).await {
+            match self.engine.fallocate(&self.fd(), mode, offset, len).await {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 other => return other.map(drop),
             }
@@ -670,7 +739,8 @@ impl FileDriver {
 
     /// The allocation status at `offset` from `SEEK_DATA`/`SEEK_HOLE`.
     fn find_allocation(&self, offset: u64, len: u64) -> DriverStatus {
-        let fd = self.fd.as_raw_fd();
+        let owner = self.fd();
+        let fd = owner.as_raw_fd();
         let end = offset.saturating_add(len);
         let data_all = DriverStatus::Data {
             len,
@@ -733,6 +803,10 @@ impl BlockDriver for FileDriver {
 
     fn request_alignment(&self) -> u32 {
         self.align
+    }
+
+    async fn reopen(&self, node: &Node, read_only: bool) -> Result<()> {
+        FileDriver::reopen(self, read_only, node.cumulative_perm())
     }
 
     fn filename(&self) -> Option<String> {
@@ -873,7 +947,7 @@ impl BlockDriver for FileDriver {
 
     fn close(&self) {
         if self.use_lock {
-            lock::release(self.fd.as_raw_fd(), &mut self.lock.lock());
+            lock::release(self.fd().as_raw_fd(), &mut self.lock.lock());
         }
     }
 }
