@@ -44,10 +44,11 @@ struct Commit {
     reopened_base: Mutex<Option<Arc<Node>>>,
 }
 
-/// Makes `base` writable for a commit into it, as QEMU's commit does for
-/// a base opened read-only (from an overlay's header, say); returns it
-/// when it had to be switched, so that the job can switch it back.
-pub(crate) async fn make_base_writable(
+/// Makes `base` writable for a job that writes it (a commit into it, a
+/// stream into it), as QEMU does for a node opened read-only (from an
+/// overlay's header, say); returns it when it had to be switched, so that
+/// the job can switch it back.
+pub(crate) async fn make_writable(
     w: &GraphWriter<'_>,
     base: &Arc<Node>,
 ) -> Result<Option<Arc<Node>>> {
@@ -58,14 +59,14 @@ pub(crate) async fn make_base_writable(
     Ok(Some(base.clone()))
 }
 
-/// Puts back a base [`make_base_writable`] switched, once the job no
-/// longer writes it. A failure leaves it writable, which loses nothing.
-pub(crate) async fn restore_base(w: &GraphWriter<'_>, base: Option<Arc<Node>>) {
+/// Puts back a node [`make_writable`] switched, once the job no longer
+/// writes it. A failure leaves it writable, which loses nothing.
+pub(crate) async fn restore_read_only(w: &GraphWriter<'_>, base: Option<Arc<Node>>) {
     if let Some(base) = base {
         if let Err(e) = reopen(w, &base, true).await {
             tracing::warn!(
                 node = base.name(),
-                "could not make the base read-only again: {e}"
+                "could not make the node read-only again: {e}"
             );
         }
     }
@@ -102,7 +103,7 @@ pub async fn start(jobs: &JobManager, opts: JobOptions, params: CommitParams) ->
         return crate::mirror::start_active_commit(jobs, opts, &params.top, &params.base, filter)
             .await;
     }
-    let reopened = make_base_writable(&w, &skip_filters(&params.base)).await?;
+    let reopened = make_writable(&w, &skip_filters(&params.base)).await?;
     let filter = match insert_filter(
         &w,
         &params.top,
@@ -113,7 +114,7 @@ pub async fn start(jobs: &JobManager, opts: JobOptions, params: CommitParams) ->
     {
         Ok(f) => f,
         Err(e) => {
-            restore_base(&w, reopened).await;
+            restore_read_only(&w, reopened).await;
             return Err(e);
         }
     };
@@ -122,7 +123,7 @@ pub async fn start(jobs: &JobManager, opts: JobOptions, params: CommitParams) ->
         Ok(r) => r,
         Err(e) => {
             remove_filter(&w, &params.top, &filter).await;
-            restore_base(&w, reopened).await;
+            restore_read_only(&w, reopened).await;
             return Err(e);
         }
     };
@@ -145,7 +146,7 @@ pub async fn start(jobs: &JobManager, opts: JobOptions, params: CommitParams) ->
             if let Some(f) = filter {
                 remove_filter(&w, &top, &f).await;
             }
-            restore_base(&w, reopened).await;
+            restore_read_only(&w, reopened).await;
             Err(e)
         }
     }
@@ -304,6 +305,6 @@ impl JobDriver for Commit {
         if let Some(f) = filter {
             remove_filter(&w, &self.params.top, &f).await;
         }
-        restore_base(&w, base).await;
+        restore_read_only(&w, base).await;
     }
 }

@@ -16,7 +16,7 @@
 
 use crate::bitmap::{Busy, DirtyBitmap};
 use crate::chain::{allocated_above, skip_filters};
-use crate::commit::{make_base_writable, restore_base};
+use crate::commit::{make_writable, restore_read_only};
 use crate::filters::{insert_filter, remove_filter, FilterHooks, GuestWrite, JobFilter, WriteKind};
 use crate::job::{ErrorAction, Job, JobDriver, JobManager, JobOptions};
 use async_trait::async_trait;
@@ -248,7 +248,7 @@ async fn start_as(
     });
     let w = jobs.graph().writer().await;
     let reopened = if is_commit {
-        make_base_writable(&w, target).await?
+        make_writable(&w, target).await?
     } else {
         None
     };
@@ -264,7 +264,7 @@ async fn start_as(
     {
         Ok(f) => f,
         Err(e) => {
-            restore_base(&w, reopened).await;
+            restore_read_only(&w, reopened).await;
             return Err(e);
         }
     };
@@ -292,7 +292,7 @@ async fn start_as(
         Ok(r) => r,
         Err(e) => {
             remove_filter(&w, source, &filter).await;
-            restore_base(&w, reopened).await;
+            restore_read_only(&w, reopened).await;
             return Err(e);
         }
     };
@@ -318,7 +318,7 @@ async fn start_as(
             shared.target.lock().take();
             let w = jobs.graph().writer().await;
             remove_filter(&w, &source, &filter).await;
-            restore_base(&w, reopened).await;
+            restore_read_only(&w, reopened).await;
             Err(e)
         }
     }
@@ -544,6 +544,6 @@ impl JobDriver for Mirror {
         if let Some(f) = filter {
             remove_filter(&w, &self.params.source, &f).await;
         }
-        restore_base(&w, base).await;
+        restore_read_only(&w, base).await;
     }
 }

@@ -10,6 +10,7 @@
 //! nodes no one else uses are closed when it commits.
 
 use crate::chain::{base_overlay, intermediates};
+use crate::commit::{make_writable, restore_read_only};
 use crate::filters::{insert_filter, remove_filter};
 use crate::job::{ErrorAction, Job, JobDriver, JobManager, JobOptions};
 use async_trait::async_trait;
@@ -52,6 +53,8 @@ impl StreamParams {
 
 struct Stream {
     params: StreamParams,
+    /// Top, when the job made it writable: read-only again at the end.
+    reopened: Mutex<Option<Arc<Node>>>,
     filter: Mutex<Option<Arc<Node>>>,
     root: Mutex<Option<Arc<Root>>>,
 }
@@ -61,20 +64,24 @@ pub async fn start(jobs: &JobManager, opts: JobOptions, params: StreamParams) ->
     let w = jobs.graph().writer().await;
     let top = &params.top;
     intermediates(top, params.base.as_ref())?;
-    if top.is_read_only() {
-        return Err(Error::Other(format!(
-            "Node '{}' is read-only: cannot stream into it",
-            top.name()
-        )));
-    }
     let bottom = base_overlay(top, params.base.as_ref())?;
-    let filter = insert_filter(
+    // A read-only top (opened from a header) is written for the job's
+    // duration, as QEMU reopens it.
+    let reopened = make_writable(&w, top).await?;
+    let filter = match insert_filter(
         &w,
         top,
         Box::new(CopyOnReadDriver::new(Some(bottom.name().to_string()))),
         params.filter_node_name.as_deref(),
     )
-    .await?;
+    .await
+    {
+        Ok(f) => f,
+        Err(e) => {
+            restore_read_only(&w, reopened).await;
+            return Err(e);
+        }
+    };
     let root = match w
         .add_root(
             "job",
@@ -87,6 +94,7 @@ pub async fn start(jobs: &JobManager, opts: JobOptions, params: StreamParams) ->
         Ok(r) => r,
         Err(e) => {
             remove_filter(&w, top, &filter).await;
+            restore_read_only(&w, reopened).await;
             return Err(e);
         }
     };
@@ -94,6 +102,7 @@ pub async fn start(jobs: &JobManager, opts: JobOptions, params: StreamParams) ->
         params,
         filter: Mutex::new(Some(filter.clone())),
         root: Mutex::new(Some(Arc::new(root))),
+        reopened: Mutex::new(reopened.clone()),
     };
     drop(w);
     match jobs.create(opts, Box::new(driver), None) {
@@ -110,6 +119,7 @@ pub async fn start(jobs: &JobManager, opts: JobOptions, params: StreamParams) ->
                 &filter,
             )
             .await;
+            restore_read_only(&w, reopened).await;
             Err(e)
         }
     }
@@ -237,10 +247,12 @@ impl JobDriver for Stream {
         // The job's root goes first: it is a parent of the filter.
         self.root.lock().take();
         let filter = self.filter.lock().take();
+        let reopened = self.reopened.lock().take();
+        let w = graph.writer().await;
         if let Some(f) = filter {
-            let w = graph.writer().await;
             remove_filter(&w, &self.params.top, &f).await;
         }
+        restore_read_only(&w, reopened).await;
     }
 }
 

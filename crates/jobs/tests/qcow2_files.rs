@@ -533,3 +533,34 @@ async fn commit_into_a_read_only_base_opened_from_headers() {
     }
     assert_image(&dir, &paths[0], &model, seed);
 }
+
+/// A stream into a top opened read-only (as a backing chain is opened from
+/// headers): the job makes it writable, streams, and puts it back.
+#[tokio::test]
+async fn stream_into_a_read_only_top_opened_from_headers() {
+    let dir = TempDir::new("stream-ro-top");
+    let names = ["base", "top"];
+    let (paths, model) = make_chain(&dir, &names, &[(0, 0, MIB, 0x11), (1, 0, 64 << 10, 0x22)]);
+    let graph = Graph::new();
+    let w = graph.writer().await;
+    let top = dcommon::add(
+        &w,
+        json!({"driver": "qcow2", "node-name": "top", "read-only": true,
+               "file": {"driver": "file", "filename": paths[1]}}),
+    )
+    .await;
+    drop(w);
+    assert!(top.is_read_only());
+    let jobs = JobManager::new(graph.clone());
+    let job = stream::start(&jobs, JobOptions::new("s"), StreamParams::new(&top, None))
+        .await
+        .unwrap();
+    assert!(!top.is_read_only(), "writable while the job runs");
+    assert_eq!(job.wait_concluded().await, None);
+    assert!(top.is_read_only(), "read-only again after the job");
+    assert!(top.child(Role::Backing).is_none());
+    drop(top);
+    close_all(&graph, vec![]).await;
+    assert_eq!(chain_of(&paths[1]), [paths[1].as_str()]);
+    assert_image(&dir, &paths[1], &model, 0);
+}
