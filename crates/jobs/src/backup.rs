@@ -12,14 +12,15 @@
 
 use crate::bitmap::{Busy, DirtyBitmap};
 use crate::chain::allocated_above;
-use crate::filters::{insert_filter, remove_filter, FilterHooks, GuestWrite, JobFilter};
+use crate::filters::{
+    copy_roots, insert_filter, remove_filter, FilterHooks, GuestWrite, JobFilter,
+};
 use crate::job::{ErrorAction, Job, JobDriver, JobManager, JobOptions, JobTxn};
 use crate::mirror::SyncMode;
 use async_trait::async_trait;
 use parking_lot::Mutex;
 use sluice_core::{
-    DriverStatus, Error, Graph, IoBuf, Node, Perm, PermPair, Result, Role, Root, WriteFlags,
-    ZeroFlags,
+    DriverStatus, Error, Graph, IoBuf, Node, Result, Role, Root, WriteFlags, ZeroFlags,
 };
 use std::sync::Arc;
 
@@ -186,22 +187,7 @@ pub async fn create_in(
         ));
     }
     let w = jobs.graph().writer().await;
-    let source_root = w
-        .add_root(
-            "job",
-            &opts.id,
-            source,
-            PermPair::new(Perm::CONSISTENT_READ, Perm::ALL),
-        )
-        .await?;
-    let target_root = w
-        .add_root(
-            "job",
-            &opts.id,
-            target,
-            PermPair::new(Perm::WRITE | Perm::CONSISTENT_READ, Perm::ALL),
-        )
-        .await?;
+    let (source_root, target_root) = copy_roots(&w, &opts.id, source, target).await?;
     // The point in time: what is owed is decided while nothing writes,
     // and the filter is in place before anything can write again.
     let drained = w.drain(source).await;

@@ -9,14 +9,12 @@
 //! else uses are closed when it commits.
 
 use crate::chain::{allocated_above, intermediates, skip_filters};
-use crate::filters::{insert_filter, remove_filter, CommitTop, JobFilter};
+use crate::filters::{copy_roots, insert_filter, remove_filter, CommitTop, JobFilter};
 use crate::job::{ErrorAction, Job, JobDriver, JobManager, JobOptions};
-use crate::stream::rewrite_backing;
+use crate::stream::{relink_overlays, Relink};
 use async_trait::async_trait;
 use parking_lot::Mutex;
-use sluice_core::{
-    Error, Graph, GraphWriter, Node, Parent, Perm, PermPair, Result, Role, Root, WriteFlags,
-};
+use sluice_core::{Error, Graph, GraphWriter, Node, Parent, Result, Role, Root, WriteFlags};
 use std::sync::Arc;
 
 /// How much one step copies (QEMU's `COMMIT_BUFFER_SIZE`).
@@ -118,7 +116,7 @@ pub async fn start(jobs: &JobManager, opts: JobOptions, params: CommitParams) ->
             return Err(e);
         }
     };
-    let roots = add_roots(&w, &opts.id, &params).await;
+    let roots = copy_roots(&w, &opts.id, &params.top, &params.base).await;
     let (top_root, base_root) = match roots {
         Ok(r) => r,
         Err(e) => {
@@ -150,31 +148,6 @@ pub async fn start(jobs: &JobManager, opts: JobOptions, params: CommitParams) ->
             Err(e)
         }
     }
-}
-
-/// The job's two roots: reading `top`, writing `base`.
-async fn add_roots(
-    w: &sluice_core::GraphWriter<'_>,
-    id: &str,
-    params: &CommitParams,
-) -> Result<(Root, Root)> {
-    let top_root = w
-        .add_root(
-            "job",
-            id,
-            &params.top,
-            PermPair::new(Perm::CONSISTENT_READ, Perm::ALL),
-        )
-        .await?;
-    let base_root = w
-        .add_root(
-            "job",
-            id,
-            &params.base,
-            PermPair::new(Perm::WRITE | Perm::CONSISTENT_READ, Perm::ALL),
-        )
-        .await?;
-    Ok((top_root, base_root))
 }
 
 impl Commit {
@@ -265,35 +238,20 @@ impl JobDriver for Commit {
         // The overlays sit on the `commit_top` filter now.
         let filter = self.filter.lock().clone();
         let ups = overlays(filter.as_ref().unwrap_or(&p.top));
-        for o in &ups {
-            rewrite_backing(o, name.as_deref(), Some(&fmt)).await?;
-        }
-        let mut tx = w.transaction();
-        let staged = (|| {
-            for o in &ups {
-                tx.set_backing(&drained, o, Some(&p.base))?;
-            }
-            // The filter has no users left; a named one goes too.
-            match &filter {
-                Some(f) if f.parents().is_empty() => tx.delete_node(&drained, f),
-                _ => Ok(()),
-            }
-        })();
-        let result = match staged {
-            Ok(()) => tx.commit().await,
-            Err(e) => Err(e),
+        let to = Relink {
+            backing: Some(&p.base),
+            name: name.as_deref(),
+            fmt: Some(&fmt),
         };
-        if result.is_ok() {
-            // The filter lost its last parent and was closed.
-            self.filter.lock().take();
-        } else {
-            let old = p.top.driver().filename();
-            let old_fmt = p.top.driver_name().to_string();
-            for o in &ups {
-                let _ = rewrite_backing(o, old.as_deref(), Some(&old_fmt)).await;
-            }
-        }
-        result
+        relink_overlays(&w, &drained, &ups, to, |tx| match &filter {
+            // The filter has no users left; a named one goes too.
+            Some(f) if f.parents().is_empty() => tx.delete_node(&drained, f),
+            _ => Ok(()),
+        })
+        .await?;
+        // The filter lost its last parent and was closed.
+        self.filter.lock().take();
+        Ok(())
     }
 
     async fn clean(&self, graph: &Graph) {

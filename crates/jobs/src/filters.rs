@@ -179,3 +179,31 @@ pub async fn remove_filter(w: &GraphWriter<'_>, below: &Arc<Node>, filter: &Arc<
         tracing::warn!(filter = filter.name(), "could not drop a job's filter: {e}");
     }
 }
+
+/// The two roots a copying job works through, both named after the job:
+/// one reading `from`, one writing `to`. They share everything: the
+/// filters and drains of the job, not permissions, keep the guest safe.
+pub async fn copy_roots(
+    w: &GraphWriter<'_>,
+    id: &str,
+    from: &Arc<Node>,
+    to: &Arc<Node>,
+) -> Result<(Root, Root)> {
+    let reader = w
+        .add_root(
+            "job",
+            id,
+            from,
+            PermPair::new(Perm::CONSISTENT_READ, Perm::ALL),
+        )
+        .await?;
+    let writer = w
+        .add_root(
+            "job",
+            id,
+            to,
+            PermPair::new(Perm::WRITE | Perm::CONSISTENT_READ, Perm::ALL),
+        )
+        .await?;
+    Ok((reader, writer))
+}

@@ -17,7 +17,9 @@
 use crate::bitmap::{Busy, DirtyBitmap};
 use crate::chain::{allocated_above, skip_filters};
 use crate::commit::{make_writable, restore_read_only};
-use crate::filters::{insert_filter, remove_filter, FilterHooks, GuestWrite, JobFilter, WriteKind};
+use crate::filters::{
+    copy_roots, insert_filter, remove_filter, FilterHooks, GuestWrite, JobFilter, WriteKind,
+};
 use crate::job::{ErrorAction, Job, JobDriver, JobManager, JobOptions};
 use async_trait::async_trait;
 use parking_lot::Mutex;
@@ -268,27 +270,7 @@ async fn start_as(
             return Err(e);
         }
     };
-    let roots = async {
-        let s = w
-            .add_root(
-                "job",
-                &opts.id,
-                source,
-                PermPair::new(Perm::CONSISTENT_READ, Perm::ALL),
-            )
-            .await?;
-        let t = w
-            .add_root(
-                "job",
-                &opts.id,
-                target,
-                PermPair::new(Perm::WRITE | Perm::CONSISTENT_READ, Perm::ALL),
-            )
-            .await?;
-        Ok::<_, Error>((s, t))
-    }
-    .await;
-    let (source_root, target_root) = match roots {
+    let (source_root, target_root) = match copy_roots(&w, &opts.id, source, target).await {
         Ok(r) => r,
         Err(e) => {
             remove_filter(&w, source, &filter).await;

@@ -9,13 +9,16 @@
 //! transaction drops the filter and sets the backing link. Intermediate
 //! nodes no one else uses are closed when it commits.
 
-use crate::chain::{base_overlay, intermediates};
+use crate::chain::{base_overlay, intermediates, skip_filters};
 use crate::commit::{make_writable, restore_read_only};
 use crate::filters::{insert_filter, remove_filter};
 use crate::job::{ErrorAction, Job, JobDriver, JobManager, JobOptions};
 use async_trait::async_trait;
 use parking_lot::Mutex;
-use sluice_core::{DriverStatus, Error, Graph, Node, Perm, PermPair, Result, Root};
+use sluice_core::{
+    DrainProof, DriverStatus, Error, Graph, GraphWriter, Node, Perm, PermPair, Result, Role, Root,
+    Transaction,
+};
 use sluice_drivers::filter::copy_on_read::CopyOnReadDriver;
 use std::sync::Arc;
 
@@ -212,35 +215,25 @@ impl JobDriver for Stream {
             .base
             .as_ref()
             .map(|b| crate::chain::skip_filters(b).driver_name().to_string());
-        rewrite_backing(&p.top, new_name.as_deref(), new_fmt.as_deref()).await?;
-
-        let mut tx = w.transaction();
         let filter = self.filter.lock().clone();
-        let result = (|| {
-            if let Some(f) = &filter {
-                tx.drop_filter(&drained, f)?;
-            }
-            tx.set_backing(&drained, &p.top, p.base.as_ref())
-        })();
-        let result = match result {
-            Ok(()) => tx.commit().await,
-            Err(e) => Err(e), // dropping `tx` rolls its steps back
+        let target = Relink {
+            backing: p.base.as_ref(),
+            name: new_name.as_deref(),
+            fmt: new_fmt.as_deref(),
         };
-        match result {
-            Ok(()) => {
-                self.filter.lock().take();
-                Ok(())
-            }
-            Err(e) => {
-                // The graph is as before: so is the header, as near as we
-                // can name the old backing.
-                let old = p.top.child(sluice_core::Role::Backing);
-                let name = old.as_ref().and_then(|o| o.driver().filename());
-                let fmt = old.as_ref().map(|o| o.driver_name().to_string());
-                let _ = rewrite_backing(&p.top, name.as_deref(), fmt.as_deref()).await;
-                Err(e)
-            }
-        }
+        relink_overlays(
+            &w,
+            &drained,
+            std::slice::from_ref(&p.top),
+            target,
+            |tx| match &filter {
+                Some(f) => tx.drop_filter(&drained, f),
+                None => Ok(()),
+            },
+        )
+        .await?;
+        self.filter.lock().take();
+        Ok(())
     }
 
     async fn clean(&self, graph: &Graph) {
@@ -268,4 +261,60 @@ pub(crate) async fn rewrite_backing(
         Err(Error::NotSupported { .. }) => Ok(()),
         other => other,
     }
+}
+
+/// Where [`relink_overlays`] points the overlays: a node, and the name
+/// and format their headers give it.
+pub(crate) struct Relink<'a> {
+    pub backing: Option<&'a Arc<Node>>,
+    pub name: Option<&'a str>,
+    pub fmt: Option<&'a str>,
+}
+
+/// The last step of stream and commit: every overlay gets `to.backing`
+/// as its backing node. Headers first (naming the new backing), then one
+/// transaction with the new links and the job's `more` steps; if that
+/// fails, the graph is as before and so are the headers, as near as the
+/// old backing nodes can name themselves.
+pub(crate) async fn relink_overlays(
+    w: &GraphWriter<'_>,
+    drained: &dyn DrainProof,
+    overlays: &[Arc<Node>],
+    to: Relink<'_>,
+    more: impl FnOnce(&mut Transaction<'_, '_>) -> Result<()>,
+) -> Result<()> {
+    let old: Vec<(Option<String>, Option<String>)> = overlays
+        .iter()
+        .map(|o| {
+            let b = o.child(Role::Backing).map(|b| skip_filters(&b));
+            (
+                b.as_ref().and_then(|b| b.driver().filename()),
+                b.as_ref().map(|b| b.driver_name().to_string()),
+            )
+        })
+        .collect();
+    let restore = || async {
+        for (o, (name, fmt)) in overlays.iter().zip(&old) {
+            let _ = rewrite_backing(o, name.as_deref(), fmt.as_deref()).await;
+        }
+    };
+    for o in overlays {
+        if let Err(e) = rewrite_backing(o, to.name, to.fmt).await {
+            restore().await;
+            return Err(e);
+        }
+    }
+    let mut tx = w.transaction();
+    let staged = overlays
+        .iter()
+        .try_for_each(|o| tx.set_backing(drained, o, to.backing))
+        .and_then(|()| more(&mut tx));
+    let result = match staged {
+        Ok(()) => tx.commit().await,
+        Err(e) => Err(e), // dropping `tx` rolls its steps back
+    };
+    if result.is_err() {
+        restore().await;
+    }
+    result
 }
