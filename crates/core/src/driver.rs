@@ -331,6 +331,12 @@ pub trait BlockDriver: Send + Sync + 'static {
         })
     }
 
+    /// A drained section began on `node` (its drain count left zero;
+    /// QEMU's `bdrv_drain_begin`). Drivers that hold requests back (the
+    /// throttle filter's queues) let them go now: a drain waits for every
+    /// request in flight and must not wait on a timer.
+    fn drained_begin(&self, _node: &Node) {}
+
     /// Whether this driver reacts to debug events (only `blkdebug` does).
     fn handles_debug_events(&self) -> bool {
         false

@@ -29,9 +29,14 @@ pub(crate) fn quiesce_up(parent: &Parent, n: usize) {
     }
 }
 
-/// Adds `n` drains to `node` and its ancestors.
+/// Adds `n` drains to `node` and its ancestors; a node whose count
+/// leaves zero is told ([`crate::BlockDriver::drained_begin`]).
 pub(crate) fn quiesce_node_up(node: &Arc<Node>, n: usize) {
+    let was_running = node.gate.quiesce_count() == 0;
     node.gate.begin_quiesce_n(n);
+    if was_running && n > 0 {
+        node.driver().drained_begin(node);
+    }
     for e in node.parents() {
         quiesce_up(&e.parent, n);
     }

@@ -16,8 +16,8 @@
 //!
 //! A drained section lets queued requests through without waiting for the
 //! limits (QEMU's `throttle_drain_begin`): a drain must not wait on a
-//! timer. The driver traits have no drain callback, so a queued request
-//! looks at its node's drain count every [`DRAIN_POLL`].
+//! timer. `BlockDriver::drained_begin` releases the node's queues, and a
+//! request arriving while the node is drained does not queue.
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
@@ -34,9 +34,6 @@ use tokio::time::Instant;
 
 /// Largest rate or burst QEMU accepts (`THROTTLE_VALUE_MAX`).
 pub const THROTTLE_VALUE_MAX: u64 = 1_000_000_000_000_000;
-
-/// How often a queued request checks whether its node is being drained.
-pub const DRAIN_POLL: Duration = Duration::from_millis(5);
 
 const NS_PER_SEC: f64 = 1e9;
 
@@ -639,6 +636,28 @@ impl ThrottleMember {
         }
     }
 
+    /// Lets every request queued by this member go at once, counted
+    /// against the limits (a drain began: QEMU's `throttle_drain_begin`
+    /// restarting the queues with limits off).
+    pub fn release(&self) {
+        let mut st = self.group.state.lock();
+        let Some(m) = st.member(self.id) else {
+            return;
+        };
+        let queues = std::mem::take(&mut m.queues);
+        for (d, q) in queues.into_iter().enumerate() {
+            let dir = if d == Direction::Read as usize {
+                Direction::Read
+            } else {
+                Direction::Write
+            };
+            for w in q {
+                st.account(dir, w.bytes);
+                let _ = w.go.send(());
+            }
+        }
+    }
+
     /// Waits until a request of `bytes` in `dir` may start under the
     /// group's limits, and counts it (QEMU's
     /// `throttle_group_co_io_limits_intercept`). While `quiesced()` says
@@ -678,16 +697,8 @@ impl ThrottleMember {
             id,
             armed: true,
         };
-        loop {
-            tokio::select! {
-                _ = &mut go => break,
-                _ = tokio::time::sleep(DRAIN_POLL) => {
-                    if quiesced() && self.group.unqueue(self.id, dir, id, true) {
-                        break;
-                    }
-                }
-            }
-        }
+        // Woken by the group's timer or by a drain ([`Self::release`]).
+        let _ = (&mut go).await;
         queued.armed = false;
     }
 }
@@ -754,6 +765,10 @@ impl ThrottleDriver {
 impl BlockDriver for ThrottleDriver {
     fn driver_name(&self) -> &'static str {
         "throttle"
+    }
+
+    fn drained_begin(&self, _node: &Node) {
+        self.member.release();
     }
 
     /// A filter: its child switches on its own.
