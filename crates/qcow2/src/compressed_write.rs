@@ -55,7 +55,7 @@ impl Qcow2Driver {
                 "compressed writes are not possible with an external data file".into(),
             ));
         }
-        let Some(writer) = self.writer.as_ref() else {
+        let Some(writer) = self.writer.get() else {
             return Err(Error::NotSupported {
                 node: node.name().to_string(),
                 driver: "qcow2",

@@ -67,10 +67,8 @@ pub struct Qcow2Driver {
 pub(crate) struct WriterSlot(parking_lot::RwLock<Option<Arc<crate::write::Writer>>>);
 
 impl WriterSlot {
-    /// The writer, if the node is writable. (Named as `Option::as_ref`,
-    /// which the slot replaced, so its callers read the same.)
-    #[allow(clippy::should_implement_trait)]
-    pub(crate) fn as_ref(&self) -> Option<Arc<crate::write::Writer>> {
+    /// The writer, if the node is writable.
+    pub(crate) fn get(&self) -> Option<Arc<crate::write::Writer>> {
         self.0.read().clone()
     }
 
@@ -238,7 +236,7 @@ impl Qcow2Driver {
     async fn reopen_as(&self, node: &Node, read_only: bool) -> Result<()> {
         let file = self.file(node)?;
         if read_only {
-            let Some(w) = self.writer.as_ref() else {
+            let Some(w) = self.writer.get() else {
                 return Ok(());
             };
             if self.layout.data_file {
@@ -249,7 +247,7 @@ impl Qcow2Driver {
             self.writer.set(None);
             return Ok(());
         }
-        if self.writer.as_ref().is_some() {
+        if self.writer.get().is_some() {
             return Ok(());
         }
         let (header, repaired) = writable_header(&file, &self.name).await?;
@@ -685,7 +683,7 @@ impl BlockDriver for Qcow2Driver {
         data: IoBytes,
         flags: WriteFlags,
     ) -> Result<()> {
-        match self.writer.as_ref() {
+        match self.writer.get() {
             Some(w) => w.write(self, node, offset, data, flags).await,
             None => Err(self.writes_unsupported(node)),
         }
@@ -698,14 +696,14 @@ impl BlockDriver for Qcow2Driver {
         len: u64,
         flags: ZeroFlags,
     ) -> Result<()> {
-        match self.writer.as_ref() {
+        match self.writer.get() {
             Some(w) => w.write_zeroes(self, node, offset, len, flags).await,
             None => Err(self.writes_unsupported(node)),
         }
     }
 
     async fn discard(&self, node: &Node, offset: u64, len: u64) -> Result<()> {
-        match self.writer.as_ref() {
+        match self.writer.get() {
             Some(w) => w.discard(self, node, offset, len).await,
             None => Err(self.writes_unsupported(node)),
         }
@@ -719,7 +717,7 @@ impl BlockDriver for Qcow2Driver {
         if self.layout.data_file {
             self.data_node(node)?.flush().await?;
         }
-        match self.writer.as_ref() {
+        match self.writer.get() {
             // Dirty metadata is written back in order, then the file
             // flushed; the flush of a closing node also clears the
             // header's dirty bit (lazy refcounts).

@@ -110,7 +110,7 @@ pub async fn truncate(d: &Qcow2Driver, node: &Node, size: u64, prealloc: &str) -
             format!("The image size {size} is too large for file format 'qcow2' (its L1 table would exceed {MAX_L1_BYTES} bytes)"),
         ));
     }
-    let Some(writer) = d.writer.as_ref() else {
+    let Some(writer) = d.writer.get() else {
         return Err(Error::NotSupported {
             node: node.name().to_string(),
             driver: "qcow2",
