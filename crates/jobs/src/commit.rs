@@ -8,9 +8,10 @@
 //! the backing links in one transaction; committed layers that no one
 //! else uses are closed when it commits.
 
+use crate::batch::{copy_in_batches, WindowError};
 use crate::chain::{allocated_above, intermediates, skip_filters};
 use crate::filters::{copy_roots, insert_filter, remove_filter, CommitTop, JobFilter};
-use crate::job::{ErrorAction, Job, JobDriver, JobManager, JobOptions};
+use crate::job::{Job, JobDriver, JobManager, JobOptions};
 use crate::stream::{relink_overlays, Relink};
 use async_trait::async_trait;
 use parking_lot::Mutex;
@@ -19,6 +20,9 @@ use std::sync::Arc;
 
 /// How much one step copies (QEMU's `COMMIT_BUFFER_SIZE`).
 const CHUNK: u64 = 512 * 1024;
+
+/// Steps copied at once (disjoint, so overlapping them hides latency).
+const IN_FLIGHT: u64 = 4;
 
 /// What `block-commit` asks for, with its nodes resolved.
 pub struct CommitParams {
@@ -151,19 +155,34 @@ pub async fn start(jobs: &JobManager, opts: JobOptions, params: CommitParams) ->
 }
 
 impl Commit {
-    async fn copy(&self, top: &Root, base: &Root, offset: u64, want: u64) -> Result<(u64, u64)> {
-        let (alloc, n) = {
-            let _admitted = top.admit().await;
-            allocated_above(&self.params.top, Some(&self.params.base), offset, want).await?
-        };
-        if !alloc {
-            return Ok((n, 0));
+    /// Copies what the committed layers hold in `[start, end)` into
+    /// base; returns the bytes copied.
+    async fn copy_window(
+        &self,
+        job: &Job,
+        top: &Root,
+        base: &Root,
+        start: u64,
+        end: u64,
+    ) -> std::result::Result<u64, WindowError> {
+        let (mut pos, mut copied) = (start, 0);
+        while pos < end && !job.is_cancelled() {
+            let (alloc, n) = {
+                let _admitted = top.admit().await;
+                allocated_above(&self.params.top, Some(&self.params.base), pos, end - pos)
+                    .await
+                    .map_err(|e| (true, e))?
+            };
+            if alloc {
+                let data = top.read(pos, n as usize).await.map_err(|e| (true, e))?;
+                base.write(pos, data.freeze(), WriteFlags::default())
+                    .await
+                    .map_err(|e| (false, e))?;
+                copied += n;
+            }
+            pos += n;
         }
-        let data = top.read(offset, n as usize).await?;
-        base.write(offset, data.freeze(), WriteFlags::default())
-            .await
-            .map_err(|e| Error::Other(format!("write: {e}")))?;
-        Ok((n, n))
+        Ok(copied)
     }
 }
 
@@ -187,39 +206,10 @@ impl JobDriver for Commit {
                 self.params.base.name()
             )));
         }
-        job.progress_set_remaining(len);
-        let mut first_error = None;
-        let (mut offset, mut last) = (0, 0);
-        while offset < len {
-            job.rate_limit(last).await;
-            if job.is_cancelled() {
-                break;
-            }
-            let want = CHUNK.min(len - offset);
-            match self.copy(&top, &base, offset, want).await {
-                Ok((n, copied)) => {
-                    offset += n;
-                    last = copied;
-                    job.progress_update(n);
-                }
-                Err(e) => {
-                    let is_read = !e.to_string().starts_with("write: ");
-                    match job.error_action(is_read, &e) {
-                        ErrorAction::Stop => last = 0,
-                        ErrorAction::Report => return Err(e),
-                        ErrorAction::Ignore => {
-                            first_error.get_or_insert(e);
-                            offset += want;
-                            job.progress_update(want);
-                        }
-                    }
-                }
-            }
-        }
-        match first_error {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        copy_in_batches(job, len, CHUNK, IN_FLIGHT, |start, end| {
+            self.copy_window(job, &top, &base, start, end)
+        })
+        .await
     }
 
     async fn prepare(&self, graph: &Graph) -> Result<()> {

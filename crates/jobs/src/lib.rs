@@ -9,6 +9,7 @@
 //!   change in `prepare`, inside a drained section, as one transaction.
 
 pub mod backup;
+mod batch;
 mod bitmap;
 pub mod chain;
 pub mod commit;

@@ -9,10 +9,11 @@
 //! transaction drops the filter and sets the backing link. Intermediate
 //! nodes no one else uses are closed when it commits.
 
+use crate::batch::{copy_in_batches, WindowError};
 use crate::chain::{base_overlay, intermediates, skip_filters};
 use crate::commit::{make_writable, restore_read_only};
 use crate::filters::{insert_filter, remove_filter};
-use crate::job::{ErrorAction, Job, JobDriver, JobManager, JobOptions};
+use crate::job::{Job, JobDriver, JobManager, JobOptions};
 use async_trait::async_trait;
 use parking_lot::Mutex;
 use sluice_core::{
@@ -24,6 +25,10 @@ use std::sync::Arc;
 
 /// How much one step copies (QEMU's `STREAM_CHUNK`).
 const CHUNK: u64 = 512 * 1024;
+
+/// Steps copied at once (QEMU copies one at a time; the chunks are
+/// disjoint, so overlapping them only hides latency).
+const IN_FLIGHT: u64 = 4;
 
 /// What `block-stream` asks for, with its nodes resolved.
 pub struct StreamParams {
@@ -129,6 +134,31 @@ pub async fn start(jobs: &JobManager, opts: JobOptions, params: StreamParams) ->
 }
 
 impl Stream {
+    /// Copies what `[start, end)` lacks in top, piece by piece; returns
+    /// the bytes copied.
+    async fn copy_window(
+        &self,
+        job: &Job,
+        root: &Root,
+        start: u64,
+        end: u64,
+    ) -> std::result::Result<u64, WindowError> {
+        let (mut pos, mut copied) = (start, 0);
+        while pos < end && !job.is_cancelled() {
+            let (allocated, n) = self
+                .allocated_in_top(root, pos, end - pos)
+                .await
+                .map_err(|e| (true, e))?;
+            if !allocated {
+                // The filter copies up whatever a layer above base holds.
+                root.read(pos, n as usize).await.map_err(|e| (true, e))?;
+                copied += n;
+            }
+            pos += n;
+        }
+        Ok(copied)
+    }
+
     fn root(&self) -> Result<Arc<Root>> {
         self.root
             .lock()
@@ -155,43 +185,10 @@ impl JobDriver for Stream {
     async fn run(&self, job: &Arc<Job>) -> Result<()> {
         let root = self.root()?;
         let len = self.params.top.size();
-        job.progress_set_remaining(len);
-        let mut first_error = None;
-        let mut offset = 0;
-        let mut last = 0;
-        while offset < len {
-            job.rate_limit(last).await;
-            if job.is_cancelled() {
-                break;
-            }
-            let want = CHUNK.min(len - offset);
-            let step = match self.allocated_in_top(&root, offset, want).await {
-                Ok((true, n)) => Ok((n, 0)),
-                // The filter copies up whatever a layer above base holds.
-                Ok((false, n)) => root.read(offset, n as usize).await.map(|_| (n, n)),
-                Err(e) => Err(e),
-            };
-            match step {
-                Ok((n, copied)) => {
-                    offset += n;
-                    last = copied;
-                    job.progress_update(n);
-                }
-                Err(e) => match job.error_action(true, &e) {
-                    ErrorAction::Stop => last = 0, // retried after resume
-                    ErrorAction::Report => return Err(e),
-                    ErrorAction::Ignore => {
-                        first_error.get_or_insert(e);
-                        offset += want;
-                        job.progress_update(want);
-                    }
-                },
-            }
-        }
-        match first_error {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        copy_in_batches(job, len, CHUNK, IN_FLIGHT, |start, end| {
+            self.copy_window(job, &root, start, end)
+        })
+        .await
     }
 
     async fn prepare(&self, graph: &Graph) -> Result<()> {

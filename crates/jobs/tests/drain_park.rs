@@ -14,8 +14,8 @@ use sluice_core::{DebugEvent, Graph, PermPair};
 use sluice_jobs::stream::{self, StreamParams};
 use sluice_jobs::{JobManager, JobOptions, JobStatus};
 
-/// Eight of the job's 512 KiB steps, so pause points follow the drain.
-const SIZE: u64 = 4 * MIB;
+/// Eight batches of the job's steps, so pause points follow the drain.
+const SIZE: u64 = 16 * MIB;
 
 #[tokio::test]
 async fn a_drain_parks_a_running_job_and_a_user_pause_outlives_it() {

@@ -173,25 +173,28 @@ async fn two_streams_on_disjoint_parts_of_one_chain() {
     assert_matches_model(&c_view, &model_c, 0).await;
 }
 
-/// top ← mid (blkdebug) ← mid-img (data everywhere) ← base.
+/// The job copies four 512 KiB steps at once: 4 MiB is two batches.
+const BIG: u64 = 4 * MIB;
+
+/// top ← mid (blkdebug) ← mid-img (data everywhere) ← base, `BIG` bytes.
 async fn chain_with_blkdebug(graph: &Graph, inject: serde_json::Value) -> (Arc<Node>, Arc<Node>) {
     let w = graph.writer().await;
     dcommon::add(
         &w,
-        json!({"driver": "memory", "node-name": "base", "size": MIB}),
+        json!({"driver": "memory", "node-name": "base", "size": BIG}),
     )
     .await;
     dcommon::add(
         &w,
-        json!({"driver": "memory", "node-name": "mid-img", "size": MIB, "backing": "base"}),
+        json!({"driver": "memory", "node-name": "mid-img", "size": BIG, "backing": "base"}),
     )
     .await;
     drop(w);
     let mid_img = graph.node("mid-img").unwrap();
-    fill(graph, &mid_img, 0, MIB as usize, 0x5A).await;
+    fill(graph, &mid_img, 0, BIG as usize, 0x5A).await;
     let w = graph.writer().await;
     let top = dcommon::add(&w, json!({
-        "driver": "memory", "node-name": "top", "size": MIB,
+        "driver": "memory", "node-name": "top", "size": BIG,
         "backing": {"driver": "blkdebug", "node-name": "mid", "image": "mid-img", "inject-error": inject}
     })).await;
     (top, graph.node("mid").unwrap())
@@ -226,20 +229,20 @@ async fn stream_cancelled_half_way_leaves_the_chain_and_data_as_they_were() {
             top.block_status(0, 4096).await.unwrap(),
             DriverStatus::Data { .. }
         ),
-        "the first chunk was copied"
+        "the first batch was copied"
     );
     assert!(
         matches!(
-            top.block_status(MIB - 4096, 4096).await.unwrap(),
+            top.block_status(BIG - 4096, 4096).await.unwrap(),
             DriverStatus::Unallocated { .. }
         ),
-        "the last chunk was not"
+        "the last batch was not"
     );
     assert!(
         top.parents().iter().all(|e| e.parent().node().is_none()),
         "the filter is gone"
     );
-    assert_matches_model(&guest, &vec![0x5A; MIB as usize], 0).await;
+    assert_matches_model(&guest, &vec![0x5A; BIG as usize], 0).await;
     let n = names(&mut rx);
     assert_eq!(
         n,
@@ -290,7 +293,7 @@ async fn stream_read_error_with_on_error_stop_then_resume_to_completion() {
         mid.is_closed(),
         "the implicit blkdebug node went with the chain"
     );
-    assert_matches_model(&guest, &vec![0x5A; MIB as usize], 0).await;
+    assert_matches_model(&guest, &vec![0x5A; BIG as usize], 0).await;
 }
 
 /// The QEMU thread's race, as a job: a guest read is parked in `mid` when
@@ -438,14 +441,25 @@ async fn intermediate_commit_while_the_guest_writes() {
 }
 
 /// `speed` holds a stream to its rate: on tokio's virtual clock, the
-/// first 512 KiB step at 256 KiB/s costs two seconds before the next,
+/// first 2 MiB batch at 256 KiB/s costs eight seconds before the next,
 /// and without a limit no time passes at all.
 #[tokio::test(start_paused = true)]
 async fn speed_limits_the_rate_on_virtual_time() {
     for (speed, slow) in [(256u64 << 10, true), (0, false)] {
         let graph = Graph::new();
-        let [base, top] = memory_chain(&graph, ["base", "top"]).await;
-        fill(&graph, &base, 0, MIB as usize, 0x11).await;
+        let w = graph.writer().await;
+        let base = dcommon::add(
+            &w,
+            json!({"driver": "memory", "node-name": "base", "size": BIG}),
+        )
+        .await;
+        let top = dcommon::add(
+            &w,
+            json!({"driver": "memory", "node-name": "top", "size": BIG, "backing": "base"}),
+        )
+        .await;
+        drop(w);
+        fill(&graph, &base, 0, BIG as usize, 0x11).await;
         let jobs = JobManager::new(graph.clone());
         let mut o = JobOptions::new("s");
         o.speed = speed;
