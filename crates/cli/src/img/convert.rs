@@ -1,0 +1,646 @@
+//! `sluice img convert`: copies one or more images (concatenated) into a
+//! new or existing image, with qemu-img's options and messages.
+//!
+//! The source chain is read through block status: ranges it reports as
+//! zero are skipped on a zero-initialised target (or written as zeroes),
+//! ranges below a `-B` base are left to the target's backing file, and
+//! data is read in 2 MiB chunks whose zero runs of at least `-S` bytes are
+//! skipped too (a sparse target). Up to `-m` chunks are in flight as tasks
+//! on the runtime, so reads overlap writes; without `-W` each write waits
+//! for the one before it to finish, as qemu-img's in-order mode does.
+//!
+//! `-B BASE` on a source whose chain holds BASE copies every layer above
+//! BASE, so the target always reads as the source. qemu-img copies only
+//! what the top image allocates, which gives the same result only when
+//! BASE is the top's own backing file; sluice does that too when BASE is
+//! not in the source's chain.
+
+use super::common::{self, OpenSpec};
+use super::create::{create_image, CreateRequest};
+use super::progress::Progress;
+use sluice_core::error::os_text;
+use sluice_core::{IoBytes, Root, WriteFlags, ZeroFlags};
+use sluice_drivers::protocol::file::CacheMode;
+use sluice_drivers::size::parse_size;
+use sluice_qcow2::Qcow2Driver;
+use std::process::ExitCode;
+use std::sync::Arc;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+#[derive(clap::Args, Debug)]
+pub struct ConvertArgs {
+    /// Source format (probed when absent).
+    #[arg(short = 'f')]
+    format: Option<String>,
+    /// Target format (default raw).
+    #[arg(short = 'O')]
+    out_format: Option<String>,
+    /// Target format options, may repeat.
+    #[arg(short = 'o')]
+    options: Vec<String>,
+    /// Write compressed clusters (qcow2 targets).
+    #[arg(short = 'c')]
+    compress: bool,
+    /// Backing file of the target: only what differs from it is copied.
+    #[arg(short = 'B')]
+    backing: Option<String>,
+    /// Format of the backing file.
+    #[arg(short = 'F')]
+    backing_fmt: Option<String>,
+    /// Use the existing target, do not create it.
+    #[arg(short = 'n')]
+    no_create: bool,
+    #[arg(short = 'p')]
+    progress: bool,
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Allow out-of-order writes.
+    #[arg(short = 'W')]
+    out_of_order: bool,
+    /// Chunks in flight (1 to 16, default 8).
+    #[arg(short = 'm')]
+    coroutines: Option<String>,
+    /// Smallest zero run left sparse (default 4k; 0: fully allocate).
+    #[arg(short = 'S')]
+    sparse: Option<String>,
+    /// Target cache mode (default unsafe, as qemu-img).
+    #[arg(short = 't')]
+    cache: Option<String>,
+    /// Source cache mode.
+    #[arg(short = 'T')]
+    src_cache: Option<String>,
+    /// The existing target reads as zeroes (with -n).
+    #[arg(long = "target-is-zero")]
+    target_is_zero: bool,
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    #[arg(long = "image-opts")]
+    image_opts: bool,
+    #[arg(long = "target-image-opts")]
+    target_image_opts: bool,
+    /// Copy offloading (accepted; sluice copies through its own buffers).
+    #[arg(short = 'C')]
+    copy_range: bool,
+    /// Rate limit (accepted, not enforced).
+    #[arg(short = 'r')]
+    rate: Option<String>,
+    /// Internal snapshot to convert (not supported).
+    #[arg(short = 'l')]
+    snapshot: Option<String>,
+    #[arg(long = "object")]
+    object: Vec<String>,
+    #[arg(long = "salvage")]
+    salvage: bool,
+    files: Vec<String>,
+}
+
+/// Bytes per copy request (QEMU's `IO_BUF_SIZE`).
+const CHUNK: u64 = 2 << 20;
+
+/// How data chunks are written.
+#[derive(Clone, Copy, Debug)]
+pub struct CopyMode {
+    /// The target reads as zeroes where nothing is written.
+    pub target_zero: bool,
+    /// Zero runs at least this long are not written (0: write everything).
+    pub min_sparse: u64,
+    /// Zero runs are whole multiples of this, from the chunk start.
+    pub unit: u64,
+    /// Each write waits for the previous one to finish.
+    pub in_order: bool,
+    /// Chunks in flight.
+    pub depth: usize,
+}
+
+/// What one piece of the copy does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Copy,
+    Zero,
+}
+
+/// One source image, placed at `start` in the target.
+pub struct Source {
+    pub root: Arc<Root>,
+    pub start: u64,
+    /// Ranges decided at this depth or deeper are left to the target's
+    /// backing file (`-B`).
+    pub base_depth: Option<u32>,
+}
+
+/// `true` when every byte of `b` is zero (folded in blocks, which the
+/// compiler turns into vector code).
+pub fn is_zero(b: &[u8]) -> bool {
+    b.chunks(512)
+        .all(|c| c.iter().fold(0u8, |a, &x| a | x) == 0)
+}
+
+/// Splits `buf` into runs `(offset, len, zero)`: zero runs are whole
+/// `unit`s and at least `min_sparse` long; everything else is data.
+pub fn sparse_runs(buf: &[u8], unit: usize, min_sparse: usize) -> Vec<(usize, usize, bool)> {
+    let mut runs: Vec<(usize, usize, bool)> = Vec::new();
+    let mut push = |off: usize, len: usize, zero: bool| match runs.last_mut() {
+        Some(last) if last.2 == zero && last.0 + last.1 == off => last.1 += len,
+        _ => runs.push((off, len, zero)),
+    };
+    let mut pos = 0;
+    while pos < buf.len() {
+        let end = (pos + unit).min(buf.len());
+        push(pos, end - pos, is_zero(&buf[pos..end]));
+        pos = end;
+    }
+    // Short zero runs are written as data.
+    let mut out: Vec<(usize, usize, bool)> = Vec::new();
+    for (off, len, zero) in runs {
+        let zero = zero && len >= min_sparse && min_sparse > 0;
+        match out.last_mut() {
+            Some(last) if last.2 == zero => last.1 += len,
+            _ => out.push((off, len, zero)),
+        }
+    }
+    out
+}
+
+/// One unit of work: a range of a source and where it goes.
+struct Piece {
+    seq: u64,
+    src: Arc<Root>,
+    src_off: u64,
+    dst_off: u64,
+    len: u64,
+    kind: Kind,
+}
+
+/// Where a copy failed: `(is_read, target byte, message)`.
+type CopyError = (bool, u64, String);
+
+fn errno_text(e: &sluice_core::Error) -> String {
+    os_text(&std::io::Error::from_raw_os_error(e.errno()))
+}
+
+/// Writes `data` at `off`, leaving out zero runs as the mode says.
+async fn write_data(
+    dst: &Root,
+    off: u64,
+    data: IoBytes,
+    mode: &CopyMode,
+    compressor: Option<&Qcow2Driver>,
+) -> Result<(), String> {
+    if let Some(c) = compressor {
+        return super::compress::write_clusters(
+            dst,
+            c,
+            off,
+            &data,
+            mode.unit as usize,
+            mode.target_zero,
+        )
+        .await;
+    }
+    let runs = if mode.min_sparse == 0 {
+        vec![(0, data.len(), false)]
+    } else {
+        sparse_runs(&data, mode.unit as usize, mode.min_sparse as usize)
+    };
+    for (o, l, zero) in runs {
+        let at = off + o as u64;
+        if zero {
+            if !mode.target_zero {
+                dst.write_zeroes(
+                    at,
+                    l as u64,
+                    ZeroFlags {
+                        may_unmap: true,
+                        ..ZeroFlags::default()
+                    },
+                )
+                .await
+                .map_err(|e| errno_text(&e))?;
+            }
+        } else {
+            dst.write(at, data.slice(o..o + l), WriteFlags::default())
+                .await
+                .map_err(|e| errno_text(&e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes zeroes over `[off, off + len)` (a zero range on a target that
+/// does not already read as zeroes, or `-S 0`'s explicit zeroes).
+async fn write_zero_range(dst: &Root, off: u64, len: u64, mode: &CopyMode) -> Result<(), String> {
+    if mode.min_sparse == 0 {
+        // Fully allocated output: real zero buffers.
+        let mut pos = off;
+        while pos < off + len {
+            let n = (off + len - pos).min(CHUNK);
+            let buf = IoBytes::copy_from(&vec![0u8; n as usize]);
+            dst.write(pos, buf, WriteFlags::default())
+                .await
+                .map_err(|e| errno_text(&e))?;
+            pos += n;
+        }
+        return Ok(());
+    }
+    dst.write_zeroes(
+        off,
+        len,
+        ZeroFlags {
+            may_unmap: true,
+            ..ZeroFlags::default()
+        },
+    )
+    .await
+    .map_err(|e| errno_text(&e))
+}
+
+async fn run_piece(
+    p: Piece,
+    dst: Arc<Root>,
+    mode: CopyMode,
+    compressor: Option<Arc<Qcow2Driver>>,
+    order: Arc<watch::Sender<u64>>,
+) -> Result<u64, CopyError> {
+    let data = match p.kind {
+        Kind::Copy => Some(
+            p.src
+                .read(p.src_off, p.len as usize)
+                .await
+                .map_err(|e| (true, p.dst_off, errno_text(&e)))?
+                .freeze(),
+        ),
+        Kind::Zero => None,
+    };
+    if mode.in_order {
+        let mut rx = order.subscribe();
+        // The sender lives as long as `order`: this cannot fail.
+        let _ = rx.wait_for(|&next| next >= p.seq).await;
+    }
+    let res = match data {
+        Some(d) => write_data(&dst, p.dst_off, d, &mode, compressor.as_deref()).await,
+        None => write_zero_range(&dst, p.dst_off, p.len, &mode).await,
+    };
+    if mode.in_order {
+        order.send_modify(|next| *next = (*next).max(p.seq + 1));
+    }
+    res.map(|_| p.len).map_err(|e| (false, p.dst_off, e))
+}
+
+/// Copies `sources` into `dst` (QEMU's `convert_do_copy`); with a
+/// `compressor` (the target's qcow2 driver) data goes out compressed.
+pub async fn copy(
+    sources: &[Source],
+    dst: &Arc<Root>,
+    mode: CopyMode,
+    compressor: Option<Arc<Qcow2Driver>>,
+    progress: &Progress,
+) -> Result<(), CopyError> {
+    let total: u64 = sources.iter().map(|s| s.root.size()).sum();
+    let order = Arc::new(watch::Sender::new(0u64));
+    let mut tasks: JoinSet<Result<u64, CopyError>> = JoinSet::new();
+    let mut done = 0u64;
+    let mut seq = 0u64;
+    let mut first_err: Option<CopyError> = None;
+    let collect = |r: Option<Result<Result<u64, CopyError>, tokio::task::JoinError>>,
+                   done: &mut u64,
+                   first_err: &mut Option<CopyError>| {
+        match r {
+            Some(Ok(Ok(n))) => {
+                *done += n;
+                progress.set(*done, total);
+            }
+            Some(Ok(Err(e))) if first_err.as_ref().is_none_or(|f| e.1 < f.1) => {
+                *first_err = Some(e);
+            }
+            Some(Ok(Err(_))) => {}
+            Some(Err(e)) => {
+                first_err.get_or_insert((false, 0, format!("copy task failed: {e}")));
+            }
+            None => {}
+        }
+    };
+    'outer: for src in sources {
+        let size = src.root.size();
+        let node = src.root.node();
+        let mut off = 0u64;
+        while off < size {
+            if first_err.is_some() {
+                break 'outer;
+            }
+            let e = common::extent_at(&node, off, size - off)
+                .await
+                .map_err(|e| (true, src.start + off, e.to_string()))?;
+            let below_base = src.base_depth.is_some_and(|d| !e.present || e.depth >= d);
+            let kind = if below_base {
+                None
+            } else if e.zero {
+                (!mode.target_zero || mode.min_sparse == 0).then_some(Kind::Zero)
+            } else {
+                Some(Kind::Copy)
+            };
+            let Some(kind) = kind else {
+                off += e.length;
+                done += e.length;
+                progress.set(done, total);
+                continue;
+            };
+            // Pieces end on chunk boundaries of the target; compressed
+            // ones cover whole clusters (parts of a cluster skipped before
+            // were not written, so reading them again is harmless).
+            let ext_end = off + e.length;
+            let mut dst_off = src.start + off;
+            if compressor.is_some() && kind == Kind::Copy {
+                let back = (dst_off % mode.unit).min(off);
+                dst_off -= back;
+                off -= back;
+            }
+            let chunk_end = (dst_off / CHUNK + 1) * CHUNK;
+            let len = match kind {
+                Kind::Copy if compressor.is_some() => {
+                    ext_end
+                        .div_ceil(mode.unit)
+                        .saturating_mul(mode.unit)
+                        .min(size)
+                        .min(chunk_end - src.start)
+                        - off
+                }
+                Kind::Copy => e.length.min(chunk_end - dst_off),
+                Kind::Zero if mode.min_sparse == 0 => e.length.min(chunk_end - dst_off),
+                Kind::Zero => e.length,
+            };
+            while tasks.len() >= mode.depth {
+                collect(tasks.join_next().await, &mut done, &mut first_err);
+            }
+            let piece = Piece {
+                seq,
+                src: src.root.clone(),
+                src_off: off,
+                dst_off,
+                len,
+                kind,
+            };
+            seq += 1;
+            tasks.spawn(run_piece(
+                piece,
+                dst.clone(),
+                mode,
+                compressor.clone(),
+                order.clone(),
+            ));
+            off += len;
+        }
+    }
+    while let Some(r) = tasks.join_next().await {
+        collect(Some(r), &mut done, &mut first_err);
+        if first_err.is_some() {
+            // Later pieces in order may wait for one that failed.
+            tasks.abort_all();
+        }
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+fn coroutines(v: Option<&str>) -> Result<usize, String> {
+    match v {
+        None => Ok(8),
+        Some(s) => match s.parse::<i64>() {
+            Ok(n) if (1..=16).contains(&n) => Ok(n as usize),
+            _ => Err("Invalid number of coroutines specified. Must be between 1 and 16.".into()),
+        },
+    }
+}
+
+fn sparse_size(v: Option<&str>) -> Result<u64, String> {
+    match v {
+        None => Ok(4096),
+        Some(s) => match parse_size(s) {
+            Ok(n) if n % 512 == 0 && n <= 16 << 20 => Ok(n),
+            Ok(_) => Err("Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 16777216. Select 0 to disable sparse detection (fully allocates output).".into()),
+            Err(_) => Err(format!(
+                "Invalid buffer size for sparse output specified: '{s}'."
+            )),
+        },
+    }
+}
+
+/// The depth of the `-B` base in the source chain: the layer whose file
+/// is the base, else 1 (qemu-img copies what the top image allocates).
+fn base_depth(src: &Root, base_path: &str) -> u32 {
+    let want = std::fs::canonicalize(base_path).ok();
+    let layers = common::chain_layers(&src.node());
+    for (d, l) in layers.iter().enumerate().skip(1) {
+        let f = common::node_filename(l).and_then(|f| std::fs::canonicalize(f).ok());
+        if f.is_some() && f == want {
+            return d as u32;
+        }
+    }
+    1
+}
+
+pub fn run(args: ConvertArgs) -> ExitCode {
+    match convert(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => common::fail(1, &e),
+    }
+}
+
+fn convert(args: ConvertArgs) -> Result<(), String> {
+    let _ = (&args.object, &args.rate, args.copy_range, args.salvage);
+    let depth = coroutines(args.coroutines.as_deref())?;
+    let min_sparse = sparse_size(args.sparse.as_deref())?;
+    if args.files.len() < 2 {
+        return Err("Must specify image file name".into());
+    }
+    if args.snapshot.is_some() {
+        return Err("Converting from an internal snapshot is not supported by sluice".into());
+    }
+    let out_fmt = args.out_format.clone().unwrap_or_else(|| "raw".into());
+    if args.image_opts && args.format.is_some() {
+        return Err("--image-opts and -f are mutually exclusive".into());
+    }
+    if args.target_image_opts {
+        return Err("--target-image-opts is not supported by sluice".into());
+    }
+    if args.target_is_zero && !args.no_create {
+        return Err("--target-is-zero requires use of -n flag".into());
+    }
+    if args.compress && out_fmt != "qcow2" {
+        return Err("Compression not supported for this file format".into());
+    }
+    if args.backing.is_some() && out_fmt == "raw" {
+        return Err("Backing file not supported for file format 'raw'".into());
+    }
+    if args.backing.is_some() && args.backing_fmt.is_none() {
+        return Err("Use of backing file requires explicit backing format".into());
+    }
+    let options = common::parse_o_list(&args.options)?;
+    if args.no_create && !options.is_empty() {
+        return Err("-o has no effect when skipping image creation".into());
+    }
+    let (inputs, out) = args.files.split_at(args.files.len() - 1);
+    let out = out[0].clone();
+    // The target's options are checked before anything is opened.
+    let mut req = CreateRequest {
+        filename: out.clone(),
+        format: out_fmt.clone(),
+        options,
+        backing: args.backing.clone(),
+        backing_fmt: args.backing_fmt.clone(),
+        ..CreateRequest::default()
+    };
+    req.check_format()?;
+    req.take_generic_options()?;
+    req.check_options()?;
+    let src_cache = common::cache_mode(args.src_cache.as_deref())?;
+    let dst_cache = match &args.cache {
+        None => CacheMode::UNSAFE,
+        Some(c) => common::cache_mode(Some(c))?,
+    };
+    let progress = Progress::new(args.progress && !args.quiet);
+    let res = common::block_on(async {
+        let mut srcs = Vec::new();
+        let mut start = 0u64;
+        let close_all = |srcs: Vec<common::Image>| async move {
+            for s in srcs {
+                let _ = s.close().await;
+            }
+        };
+        for name in inputs {
+            let spec = OpenSpec {
+                name: name.clone(),
+                format: args.format.clone(),
+                image_opts: args.image_opts,
+                force_share: args.force_share,
+                cache: Some(src_cache),
+                ..OpenSpec::default()
+            };
+            match common::open(&spec).await {
+                Ok(i) => srcs.push(i),
+                Err(e) => {
+                    close_all(srcs).await;
+                    return Err(e);
+                }
+            }
+        }
+        let total: u64 = srcs.iter().map(common::Image::size).sum();
+        if !args.no_create {
+            req.size.get_or_insert(total);
+            let created = create_image(&req).await;
+            if let Err(e) = created {
+                close_all(srcs).await;
+                // create_image names the file; qemu-img adds what failed.
+                let e = match e.strip_prefix(&format!("{out}: ")) {
+                    Some(rest) => format!("{out}: error while converting {out_fmt}: {rest}"),
+                    None => e,
+                };
+                return Err(e);
+            }
+        }
+        let dst_spec = OpenSpec {
+            name: out.clone(),
+            format: Some(out_fmt.clone()),
+            writable: true,
+            cache: Some(dst_cache),
+            ..OpenSpec::default()
+        };
+        let opened = if args.compress {
+            super::compress::open_target(&out, dst_cache)
+                .await
+                .map(|(img, d)| (img, Some(d)))
+        } else {
+            common::open(&dst_spec).await.map(|img| (img, None))
+        };
+        let (dst, compressor) = match opened {
+            Ok(d) => d,
+            Err(e) => {
+                close_all(srcs).await;
+                return Err(e);
+            }
+        };
+        if args.no_create && dst.size() < total {
+            close_all(srcs).await;
+            let _ = dst.close().await;
+            return Err("output file is smaller than input file".into());
+        }
+        let target_backing = dst.node().child(sluice_core::Role::Backing).is_some();
+        let base = args.backing.as_ref().map(|b| {
+            sluice_qcow2::chain::backing_path(Some(&out), b).unwrap_or_else(|_| b.clone())
+        });
+        let mut sources = Vec::new();
+        for s in &srcs {
+            let base_depth = base.as_ref().map(|b| base_depth(&s.root, b));
+            sources.push(Source {
+                root: s.root.clone(),
+                start,
+                base_depth,
+            });
+            start += s.size();
+        }
+        let unit = match out_fmt.as_str() {
+            "qcow2" => info_cluster_size(&dst).await.unwrap_or(65536),
+            _ => 512,
+        };
+        let mode = CopyMode {
+            target_zero: (!args.no_create && !target_backing) || args.target_is_zero,
+            min_sparse,
+            unit,
+            in_order: !args.out_of_order,
+            depth,
+        };
+        let copied = copy(&sources, &dst.root, mode, compressor, &progress).await;
+        drop(sources);
+        close_all(srcs).await;
+        let closed = dst.close().await;
+        match copied {
+            Err((true, at, e)) => Err(format!("error while reading at byte {at}: {e}")),
+            Err((false, at, e)) => Err(format!("error while writing at byte {at}: {e}")),
+            Ok(()) => closed,
+        }
+    });
+    progress.finish();
+    res?
+}
+
+/// The cluster size of an open qcow2 image.
+async fn info_cluster_size(img: &common::Image) -> Option<u64> {
+    super::info::qcow2_facts(&img.node())
+        .await
+        .ok()
+        .flatten()
+        .map(|f| f.header.cluster_size())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_runs_shorter_than_min_sparse_are_data() {
+        let mut b = vec![0u8; 8192];
+        b[0] = 1;
+        b[5000] = 1;
+        // 512-byte units: [0,512) data, [512,4608) zero (4096), then data
+        // at 4608..5120, zero 5120..8192 (3072 < 4096: data).
+        let r = sparse_runs(&b, 512, 4096);
+        assert_eq!(
+            r,
+            vec![(0, 512, false), (512, 4096, true), (4608, 3584, false)]
+        );
+        assert_eq!(sparse_runs(&b, 512, 0), vec![(0, 8192, false)]);
+        assert_eq!(sparse_runs(&[0u8; 1024], 512, 512), vec![(0, 1024, true)]);
+    }
+
+    #[test]
+    fn option_checks_match_qemu() {
+        assert!(coroutines(Some("0")).is_err());
+        assert!(coroutines(Some("17")).is_err());
+        assert_eq!(coroutines(Some("16")), Ok(16));
+        assert!(sparse_size(Some("1000")).is_err());
+        assert_eq!(sparse_size(Some("0")), Ok(0));
+        assert_eq!(sparse_size(Some("8k")), Ok(8192));
+    }
+}
