@@ -250,6 +250,7 @@ async fn commit_into_base(
         // out in guest order.
         in_order: true,
         depth: 8,
+        compress: false,
     };
     let copied = if base.size() < top.size() {
         Err("the base image is smaller than the top image: resize it first".to_string())
@@ -259,7 +260,7 @@ async fn commit_into_base(
             start: 0,
             base_depth: Some(links.len() as u32),
         }];
-        copy(&sources, &base_root, mode, None, progress)
+        copy(&sources, &base_root, mode, progress)
             .await
             .map_err(|(read, at, e)| {
                 let what = if read { "reading" } else { "writing" };

@@ -22,7 +22,6 @@ use sluice_core::error::os_text;
 use sluice_core::{IoBytes, Root, WriteFlags, ZeroFlags};
 use sluice_drivers::protocol::file::CacheMode;
 use sluice_drivers::size::parse_size;
-use sluice_qcow2::Qcow2Driver;
 use std::process::ExitCode;
 use std::sync::Arc;
 use tokio::sync::watch;
@@ -111,6 +110,8 @@ pub struct CopyMode {
     pub in_order: bool,
     /// Chunks in flight.
     pub depth: usize,
+    /// Data goes out as compressed clusters of `unit` bytes (`-c`).
+    pub compress: bool,
 }
 
 /// What one piece of the copy does.
@@ -180,17 +181,10 @@ fn errno_text(e: &sluice_core::Error) -> String {
 }
 
 /// Writes `data` at `off`, leaving out zero runs as the mode says.
-async fn write_data(
-    dst: &Root,
-    off: u64,
-    data: IoBytes,
-    mode: &CopyMode,
-    compressor: Option<&Qcow2Driver>,
-) -> Result<(), String> {
-    if let Some(c) = compressor {
+async fn write_data(dst: &Root, off: u64, data: IoBytes, mode: &CopyMode) -> Result<(), String> {
+    if mode.compress {
         return super::compress::write_clusters(
             dst,
-            c,
             off,
             &data,
             mode.unit as usize,
@@ -259,7 +253,6 @@ async fn run_piece(
     p: Piece,
     dst: Arc<Root>,
     mode: CopyMode,
-    compressor: Option<Arc<Qcow2Driver>>,
     order: Arc<watch::Sender<u64>>,
 ) -> Result<u64, CopyError> {
     let data = match p.kind {
@@ -278,7 +271,7 @@ async fn run_piece(
         let _ = rx.wait_for(|&next| next >= p.seq).await;
     }
     let res = match data {
-        Some(d) => write_data(&dst, p.dst_off, d, &mode, compressor.as_deref()).await,
+        Some(d) => write_data(&dst, p.dst_off, d, &mode).await,
         None => write_zero_range(&dst, p.dst_off, p.len, &mode).await,
     };
     if mode.in_order {
@@ -287,13 +280,12 @@ async fn run_piece(
     res.map(|_| p.len).map_err(|e| (false, p.dst_off, e))
 }
 
-/// Copies `sources` into `dst` (QEMU's `convert_do_copy`); with a
-/// `compressor` (the target's qcow2 driver) data goes out compressed.
+/// Copies `sources` into `dst` (QEMU's `convert_do_copy`); with
+/// `mode.compress` data goes out compressed.
 pub async fn copy(
     sources: &[Source],
     dst: &Arc<Root>,
     mode: CopyMode,
-    compressor: Option<Arc<Qcow2Driver>>,
     progress: &Progress,
 ) -> Result<(), CopyError> {
     let total: u64 = sources.iter().map(|s| s.root.size()).sum();
@@ -350,14 +342,14 @@ pub async fn copy(
             // were not written, so reading them again is harmless).
             let ext_end = off + e.length;
             let mut dst_off = src.start + off;
-            if compressor.is_some() && kind == Kind::Copy {
+            if mode.compress && kind == Kind::Copy {
                 let back = (dst_off % mode.unit).min(off);
                 dst_off -= back;
                 off -= back;
             }
             let chunk_end = (dst_off / CHUNK + 1) * CHUNK;
             let len = match kind {
-                Kind::Copy if compressor.is_some() => {
+                Kind::Copy if mode.compress => {
                     ext_end
                         .div_ceil(mode.unit)
                         .saturating_mul(mode.unit)
@@ -381,13 +373,7 @@ pub async fn copy(
                 kind,
             };
             seq += 1;
-            tasks.spawn(run_piece(
-                piece,
-                dst.clone(),
-                mode,
-                compressor.clone(),
-                order.clone(),
-            ));
+            tasks.spawn(run_piece(piece, dst.clone(), mode, order.clone()));
             off += len;
         }
     }
@@ -547,14 +533,7 @@ fn convert(args: ConvertArgs) -> Result<(), String> {
             cache: Some(dst_cache),
             ..OpenSpec::default()
         };
-        let opened = if args.compress {
-            super::compress::open_target(&out, dst_cache)
-                .await
-                .map(|(img, d)| (img, Some(d)))
-        } else {
-            common::open(&dst_spec).await.map(|img| (img, None))
-        };
-        let (dst, compressor) = match opened {
+        let dst = match common::open(&dst_spec).await {
             Ok(d) => d,
             Err(e) => {
                 close_all(srcs).await;
@@ -590,8 +569,9 @@ fn convert(args: ConvertArgs) -> Result<(), String> {
             unit,
             in_order: !args.out_of_order,
             depth,
+            compress: args.compress,
         };
-        let copied = copy(&sources, &dst.root, mode, compressor, &progress).await;
+        let copied = copy(&sources, &dst.root, mode, &progress).await;
         drop(sources);
         close_all(srcs).await;
         let closed = dst.close().await;
