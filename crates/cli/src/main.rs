@@ -1,6 +1,6 @@
 //! `sluice`: one binary for QEMU's storage tools.
 //!
-//! * `sluice img ...` — qemu-img work-alike (now: `bench`);
+//! * `sluice img ...` — qemu-img work-alike (info, map, compare, create, convert, check, resize, rebase, commit, measure, snapshot -l, bench);
 //! * `sluice io ...` — qemu-io work-alike;
 //! * `sluice demo` — the built-in default: an in-memory backing chain under
 //!   guest I/O, shortened live by a drained graph change.

@@ -33,6 +33,9 @@ pub struct Extent {
 /// bytes: filters and raw layers are looked through, unallocated runs fall
 /// through to the backing child one level deeper.
 pub async fn block_status_chain(node: &Arc<Node>, offset: u64, len: u64) -> Result<Extent> {
+    // The answer may cover less than asked: a query longer than a request
+    // may be is answered for its start.
+    let len = len.min(crate::graph::MAX_REQUEST_BYTES);
     node.check_request(offset, len)?;
     let start = offset;
     let mut cur = node.clone();

@@ -208,3 +208,28 @@ async fn past_the_backing_end_the_top_decides_as_qemu_map_does() {
         .collect();
     assert_eq!(got, vec![(0, MIB, 1, false), (MIB, MIB, 0, false)]);
 }
+
+/// Status queries longer than a request may be (2 GiB) are answered for
+/// their start rather than refused, so a whole large disk can be mapped.
+#[tokio::test]
+async fn block_status_of_a_disk_larger_than_a_request() {
+    let graph = Graph::new();
+    let w = graph.writer().await;
+    let big = 6u64 << 30;
+    let node = add(
+        &w,
+        serde_json::json!({"driver": "memory", "node-name": "big", "size": big}),
+    )
+    .await;
+    drop(w);
+    fill(&graph, &node, (5 << 30) + 4096, 4096, 0x7e).await;
+    let first = sluice_core::status::block_status_chain(&node, 0, big)
+        .await
+        .unwrap();
+    assert!(first.length > 0 && first.length <= sluice_core::graph::MAX_REQUEST_BYTES);
+    let map = map_range(&node, 0, big).await.unwrap();
+    assert_eq!(map.iter().map(|e| e.length).sum::<u64>(), big);
+    let data: Vec<_> = map.iter().filter(|e| e.data).collect();
+    assert_eq!(data.len(), 1, "{map:?}");
+    assert_eq!((data[0].start, data[0].length), ((5 << 30) + 4096, 4096));
+}

@@ -541,6 +541,9 @@ impl Node {
 
     /// This layer's status at `offset`, covering between 1 and `len` bytes.
     pub async fn block_status(&self, offset: u64, len: u64) -> Result<DriverStatus> {
+        // A query moves no data: a longer one is answered for its start,
+        // as any answer may cover less than asked.
+        let len = len.min(MAX_REQUEST_BYTES);
         self.check_request(offset, len)?;
         let _in_flight = self.enter()?;
         let st = self.driver.block_status(self, offset, len).await?;
