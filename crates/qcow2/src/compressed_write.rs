@@ -32,7 +32,12 @@ impl Qcow2Driver {
     /// cluster, or less for the last cluster of the disk (padded with
     /// zeroes, as QEMU does). The cluster must have no host cluster yet
     /// (QEMU: "Compression can't overwrite anything").
-    pub(crate) async fn write_compressed(&self, node: &Node, offset: u64, data: &[u8]) -> Result<()> {
+    pub(crate) async fn write_compressed(
+        &self,
+        node: &Node,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<()> {
         let cs = self.layout().cluster_size();
         let size = self.size();
         let len = data.len() as u64;
