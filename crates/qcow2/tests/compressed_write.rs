@@ -106,19 +106,6 @@ fn source(cs: usize, clusters: usize, tail: usize, seed: u64) -> Vec<u8> {
     out
 }
 
-fn check_clean(img: &str) {
-    let out = std::process::Command::new("qemu-img")
-        .args(["check", img])
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && text.contains("No errors were found"),
-        "qemu-img check {img}: {text}"
-    );
-}
-
 async fn case(tag: &str, create_opts: &str, cs: usize, clusters: usize, tail: usize) {
     case_packed(tag, create_opts, cs, clusters, tail, true).await
 }
@@ -153,7 +140,7 @@ async fn case_packed(
     ]);
     let written = convert_compressed(&src, &img, cs).await;
 
-    check_clean(&img);
+    assert_clean(&img);
     // sluice's own check agrees with QEMU's on packed clusters.
     let (_g, file) = open_file_node(&img, true).await;
     let report = sluice_qcow2::check::check(&file, &img, None).await.unwrap();
@@ -289,31 +276,10 @@ async fn node_refusals() {
     );
 }
 
-fn env_seed() -> u64 {
-    std::env::var("SLUICE_CRASH_SEED")
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(rand::random)
-}
-
 /// Random subsets of the unflushed writes tried at each crash point
 /// (besides all and none): a write that must not land before another
 /// is caught in three of four tries each.
 const RANDOM_PICKS: u64 = 8;
-
-/// `qemu-img check` finds no corruption (leaks are allowed after a crash).
-fn check_no_corruption(img: &str, what: &str) {
-    let out = std::process::Command::new("qemu-img")
-        .args(["check", img])
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(
-        matches!(out.status.code(), Some(0 | 3)) && !text.contains("ERROR"),
-        "{what}: qemu-img check: {text}"
-    );
-}
 
 /// A qcow2 node on a recording file holding `img`'s bytes.
 async fn on_recorder(img: &str) -> (Graph, Arc<Node>, Root, Arc<crash_recorder::Recorder>) {
@@ -343,7 +309,7 @@ async fn on_recorder(img: &str) -> (Graph, Arc<Node>, Root, Arc<crash_recorder::
 /// written. `SLUICE_CRASH_SEED=<seed>` replays a run.
 #[tokio::test]
 async fn compressed_writes_survive_a_crash_anywhere() {
-    let seed = env_seed();
+    let seed = crash_seed();
     println!("seed {seed}");
     let dir = TempDir::new("cwrite-crash");
     let img = dir.path("img.qcow2");
@@ -397,7 +363,7 @@ async fn compressed_writes_survive_a_crash_anywhere() {
                 "crash at event {k} of {}, pick {pick}, seed {seed}",
                 r.len()
             );
-            check_no_corruption(&crashed, &what);
+            assert_no_corruption(&crashed, &what);
             let o = open_image(&crashed, true)
                 .await
                 .unwrap_or_else(|e| panic!("{what}: {e}"));
@@ -414,7 +380,7 @@ async fn compressed_writes_survive_a_crash_anywhere() {
     // The last image holds everything, packed.
     let last = r.crash(r.len(), Pick::None);
     std::fs::write(&crashed, &last.image).unwrap();
-    check_clean(&crashed);
+    assert_clean(&crashed);
 }
 
 /// Compressed clusters freed by overwrites and discards give their host
@@ -489,7 +455,7 @@ async fn freeing_packed_clusters() {
     }
     assert_same("before close", &read_all(&o, 1 << 20).await, &model);
     close(o).await;
-    check_clean(&img);
+    assert_clean(&img);
     let raw = dir.path("model.raw");
     std::fs::write(&raw, &model).unwrap();
     qemu_img(&["compare", "-f", "raw", "-F", "qcow2", &raw, &img]);
@@ -540,6 +506,6 @@ async fn concurrent_compressed_writes() {
         t.await.unwrap();
     }
     close(o).await;
-    check_clean(&img);
+    assert_clean(&img);
     qemu_img(&["compare", "-f", "raw", "-F", "qcow2", &raw, &img]);
 }

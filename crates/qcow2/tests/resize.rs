@@ -7,23 +7,6 @@ use common::*;
 use serde_json::{json, Value};
 use sluice_core::{IoBytes, WriteFlags};
 
-fn info(img: &str) -> Value {
-    serde_json::from_str(&qemu_img(&["info", "--output=json", img])).unwrap()
-}
-
-fn check_clean(img: &str) {
-    let out = std::process::Command::new("qemu-img")
-        .args(["check", img])
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && text.contains("No errors were found"),
-        "qemu-img check {img}: {text}"
-    );
-}
-
 /// Resizes the image through its sluice node as `block_resize` does:
 /// the driver, then the node's size.
 async fn resize(o: &Opened, size: u64, prealloc: &str) -> sluice_core::Result<()> {
@@ -59,8 +42,8 @@ async fn grow_keeps_data_and_maps_the_new_area() {
         .iter()
         .all(|&b| b == 0));
     drop(o);
-    assert_eq!(info(&img)["virtual-size"], json!(3u64 << 30));
-    check_clean(&img);
+    assert_eq!(qemu_info(&img)["virtual-size"], json!(3u64 << 30));
+    assert_clean(&img);
     qemu_io(
         &img,
         &[
@@ -100,7 +83,7 @@ async fn grow_over_a_larger_backing_file_reads_zeroes() {
         "backing shows through"
     );
     drop(o);
-    check_clean(&top);
+    assert_clean(&top);
     qemu_io(
         &top,
         &["read -P 0x11 0 4M".into(), "read -P 0 4M 6M".into()],
@@ -142,7 +125,7 @@ async fn grow_unaligned_over_a_larger_backing_file() {
         "backing shows through"
     );
     drop(o);
-    check_clean(&top);
+    assert_clean(&top);
     qemu_img(&["compare", &top, &qtop]);
 }
 
@@ -154,7 +137,7 @@ async fn grow_with_full_preallocation() {
     let o = open_image(&img, false).await.unwrap();
     resize(&o, 3 << 20, "full").await.unwrap();
     drop(o);
-    check_clean(&img);
+    assert_clean(&img);
     let map: Value = serde_json::from_str(&qemu_img(&["map", "--output=json", &img])).unwrap();
     let allocated: u64 = map
         .as_array()
@@ -198,8 +181,8 @@ async fn shrink_only_past_unallocated_clusters() {
     );
     assert_eq!(o.node.size(), end);
     drop(o);
-    assert_eq!(info(&img)["virtual-size"], json!(end));
-    check_clean(&img);
+    assert_eq!(qemu_info(&img)["virtual-size"], json!(end));
+    assert_clean(&img);
     qemu_io(&img, &["read -P 0x33 1M 4k".into()]);
 }
 
@@ -241,8 +224,8 @@ async fn refusals_leave_the_image_alone() {
     assert!(resize(&o, 20 << 20, "off").await.is_err());
     drop(o);
     assert_eq!(std::fs::read(&snap).unwrap(), before.0);
-    assert_eq!(info(&small)["virtual-size"], json!(2u64 << 20));
-    check_clean(&small);
+    assert_eq!(qemu_info(&small)["virtual-size"], json!(2u64 << 20));
+    assert_clean(&small);
 }
 
 /// The `file` protocol's resize: plain, `falloc` and `full`.
@@ -330,8 +313,8 @@ async fn grow_moves_the_l1_table() {
         let after = l1_of(&img);
         assert_ne!(after.0, before.0, "the L1 table did not move");
         assert_eq!(after.1, 2048);
-        assert_eq!(info(&img)["virtual-size"], json!(64u64 << 20));
-        check_clean(&img);
+        assert_eq!(qemu_info(&img)["virtual-size"], json!(64u64 << 20));
+        assert_clean(&img);
         let first = if snapshot { 0x14 } else { 0x11 };
         qemu_io(
             &img,
@@ -390,7 +373,7 @@ async fn grow_with_metadata_and_falloc_preallocation() {
         let o = open_image(&img, false).await.unwrap();
         resize(&o, 9 << 20, mode).await.unwrap();
         close(o).await;
-        check_clean(&img);
+        assert_clean(&img);
         qemu_img(&["compare", &img, &q]);
         let map: Value = serde_json::from_str(&qemu_img(&["map", "--output=json", &img])).unwrap();
         let mapped: u64 = map
@@ -427,20 +410,6 @@ use std::sync::Arc;
 /// (besides all and none): a write that must not land before another
 /// is caught in three of four tries each.
 const RANDOM_PICKS: u64 = 8;
-
-/// `qemu-img check` finds no corruption (leaks are allowed after a crash).
-fn check_no_corruption(img: &str, what: &str) {
-    let out = std::process::Command::new("qemu-img")
-        .args(["check", img])
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(
-        matches!(out.status.code(), Some(0 | 3)) && !text.contains("ERROR"),
-        "{what}: qemu-img check: {text}"
-    );
-}
 
 /// Runs `change` on a writable qcow2 node over a recording file holding
 /// `img`'s bytes; returns what reached the file.
@@ -494,8 +463,8 @@ async fn each_crash(
                 "crash at event {k} of {}, pick {pick}, seed {seed}",
                 r.len()
             );
-            check_no_corruption(path, &what);
-            let size = info(path)["virtual-size"].as_u64().unwrap();
+            assert_no_corruption(path, &what);
+            let size = qemu_info(path)["virtual-size"].as_u64().unwrap();
             assert!(size == old || size == new, "{what}: size {size}");
             sizes.insert(size);
             let o = open_image(path, true)
@@ -508,16 +477,7 @@ async fn each_crash(
     assert_eq!(sizes.len(), 2, "both sizes must occur");
     let last = r.crash(r.len(), Pick::None);
     std::fs::write(path, &last.image).unwrap();
-    check_clean(path);
-}
-
-fn crash_seed() -> u64 {
-    let seed = std::env::var("SLUICE_CRASH_SEED")
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(rand::random);
-    println!("seed {seed}");
-    seed
+    assert_clean(path);
 }
 
 /// Growing past the L1 table's room moves it; a crash at every point of

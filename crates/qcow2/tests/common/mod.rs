@@ -320,3 +320,38 @@ pub fn qemu_check_text(img: &str) -> (i32, String) {
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
     )
 }
+
+/// `qemu-img info --output=json`.
+pub fn qemu_info(img: &str) -> Value {
+    serde_json::from_str(&qemu_img(&["info", "--output=json", img])).unwrap()
+}
+
+/// `qemu-img check` finds no errors and no leaks.
+pub fn assert_clean(img: &str) {
+    let (code, text) = qemu_check_text(img);
+    assert!(
+        code == 0 && text.contains("No errors were found"),
+        "qemu-img check {img}: {text}"
+    );
+}
+
+/// `qemu-img check` finds no corruption (leaked clusters are allowed
+/// after a crash).
+pub fn assert_no_corruption(img: &str, what: &str) {
+    let (code, text) = qemu_check_text(img);
+    assert!(
+        matches!(code, 0 | 3) && !text.contains("ERROR"),
+        "{what}: qemu-img check: {text}"
+    );
+}
+
+/// A crash test's seed: `SLUICE_CRASH_SEED` replays one, else random;
+/// printed either way.
+pub fn crash_seed() -> u64 {
+    let seed = std::env::var("SLUICE_CRASH_SEED")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(rand::random);
+    println!("seed {seed}");
+    seed
+}
