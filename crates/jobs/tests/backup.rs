@@ -5,7 +5,7 @@ mod common;
 #[path = "../../drivers/tests/common/mod.rs"]
 mod dcommon;
 
-use common::names;
+use common::{contents, names};
 use dcommon::{add, fill, memory_chain, root_on, MIB};
 use rand::{rngs::SmallRng, Rng, SeedableRng};
 use serde_json::json;
@@ -14,13 +14,6 @@ use sluice_jobs::backup::{self, BackupParams};
 use sluice_jobs::mirror::SyncMode;
 use sluice_jobs::{JobManager, JobOptions, JobStatus};
 use std::sync::Arc;
-
-async fn contents(graph: &Graph, node: &Arc<Node>) -> Vec<u8> {
-    let r = root_on(graph, "check", node, PermPair::reader_sharing_all())
-        .await
-        .unwrap();
-    r.read(0, node.size() as usize).await.unwrap().to_vec()
-}
 
 /// base (0x11) ← top (0x22 in [256K, 512K)), an empty target.
 async fn setup(graph: &Graph) -> (Arc<Node>, Arc<Node>, Vec<u8>) {

@@ -5,56 +5,15 @@ mod common;
 #[path = "../../drivers/tests/common/mod.rs"]
 mod dcommon;
 
-use common::names;
+use common::{assert_same, contents, guest_writes, job_seed, names};
 use dcommon::{add, fill, memory_chain, root_on, MIB};
 use parking_lot::Mutex;
-use rand::{rngs::SmallRng, Rng, SeedableRng};
+use rand::{rngs::SmallRng, SeedableRng};
 use serde_json::json;
 use sluice_core::{Graph, IoBytes, Node, PermPair, Root, WriteFlags};
 use sluice_jobs::mirror::{self, CopyMode, MirrorParams, SyncMode};
 use sluice_jobs::{JobManager, JobOptions, JobStatus};
 use std::sync::Arc;
-
-fn seed() -> u64 {
-    std::env::var("SLUICE_JOB_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random)
-}
-
-/// `count` seeded guest writes through `root`, mirrored in `model`.
-async fn guest_writes(root: &Root, model: &Mutex<Vec<u8>>, rng: &mut SmallRng, count: usize) {
-    for _ in 0..count {
-        let len = rng.gen_range(1..=8) * 4096;
-        let off = rng.gen_range(0..(MIB as usize - len) / 4096) * 4096;
-        let byte: u8 = rng.gen();
-        root.write(
-            off as u64,
-            IoBytes::copy_from(&vec![byte; len]),
-            WriteFlags::default(),
-        )
-        .await
-        .unwrap();
-        model.lock()[off..off + len].fill(byte);
-        tokio::task::yield_now().await;
-    }
-}
-
-async fn contents(graph: &Graph, node: &Arc<Node>) -> Vec<u8> {
-    let r = root_on(graph, "check", node, PermPair::reader_sharing_all())
-        .await
-        .unwrap();
-    r.read(0, node.size() as usize).await.unwrap().to_vec()
-}
-
-fn assert_same(got: &[u8], want: &[u8], what: &str, seed: u64) {
-    if let Some(i) = (0..want.len()).find(|&i| got[i] != want[i]) {
-        panic!(
-            "seed {seed}: {what}: byte {i} is {:#x}, the model says {:#x}",
-            got[i], want[i]
-        );
-    }
-}
 
 /// base (0x11 everywhere) ← top (0x22 in its second quarter), a guest on
 /// top, and an empty target.
@@ -81,7 +40,7 @@ async fn setup(graph: &Graph) -> (Arc<Node>, Arc<Node>, Arc<Node>, Arc<Root>, Mu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mirror_full_ready_then_complete_while_writing() {
-    let seed = seed();
+    let seed = job_seed();
     let mut rng = SmallRng::seed_from_u64(seed);
     let graph = Graph::new();
     let (_base, top, target, guest, model) = setup(&graph).await;
@@ -94,9 +53,15 @@ async fn mirror_full_ready_then_complete_while_writing() {
     )
     .await
     .unwrap();
-    guest_writes(&guest, &model, &mut rng, 32).await;
+    guest_writes(&guest, MIB as usize, &mut rng, 32, |o, l, b| {
+        model.lock()[o..o + l].fill(b)
+    })
+    .await;
     job.wait_for(|s| s == JobStatus::Ready).await;
-    guest_writes(&guest, &model, &mut rng, 32).await;
+    guest_writes(&guest, MIB as usize, &mut rng, 32, |o, l, b| {
+        model.lock()[o..o + l].fill(b)
+    })
+    .await;
     job.complete().unwrap();
     assert_eq!(job.wait_concluded().await, None, "seed {seed}");
     assert!(
@@ -134,7 +99,7 @@ async fn mirror_full_ready_then_complete_while_writing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mirror_cancel_after_ready_leaves_a_consistent_copy_unpivoted() {
-    let seed = seed();
+    let seed = job_seed();
     let mut rng = SmallRng::seed_from_u64(seed);
     let graph = Graph::new();
     let (_base, top, target, guest, model) = setup(&graph).await;
@@ -148,7 +113,10 @@ async fn mirror_cancel_after_ready_leaves_a_consistent_copy_unpivoted() {
     .await
     .unwrap();
     job.wait_for(|s| s == JobStatus::Ready).await;
-    guest_writes(&guest, &model, &mut rng, 48).await;
+    guest_writes(&guest, MIB as usize, &mut rng, 48, |o, l, b| {
+        model.lock()[o..o + l].fill(b)
+    })
+    .await;
     job.cancel(false).await.unwrap();
     assert_eq!(
         job.wait_concluded().await,
@@ -287,7 +255,7 @@ async fn mirror_sync_none_copies_only_new_writes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn active_commit_pivots_the_guest_onto_the_base() {
-    let seed = seed();
+    let seed = job_seed();
     let mut rng = SmallRng::seed_from_u64(seed);
     let graph = Graph::new();
     let [base, mid, top] = memory_chain(&graph, ["base", "mid", "top"]).await;
@@ -309,9 +277,15 @@ async fn active_commit_pivots_the_guest_onto_the_base() {
         .await
         .unwrap();
     assert_eq!(job.job_type(), "commit");
-    guest_writes(&guest, &model, &mut rng, 16).await;
+    guest_writes(&guest, MIB as usize, &mut rng, 16, |o, l, b| {
+        model.lock()[o..o + l].fill(b)
+    })
+    .await;
     job.wait_for(|s| s == JobStatus::Ready).await;
-    guest_writes(&guest, &model, &mut rng, 16).await;
+    guest_writes(&guest, MIB as usize, &mut rng, 16, |o, l, b| {
+        model.lock()[o..o + l].fill(b)
+    })
+    .await;
     job.complete().unwrap();
     assert_eq!(job.wait_concluded().await, None, "seed {seed}");
     assert!(Arc::ptr_eq(&guest.node(), &base), "the guest now uses base");

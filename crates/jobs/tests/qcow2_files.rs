@@ -3,28 +3,24 @@
 //! wrote into the headers, and `qemu-img compare` finds the guest-visible
 //! contents equal to the model.
 
+mod common;
 #[path = "../../drivers/tests/common/mod.rs"]
 mod dcommon;
 #[path = "../../qcow2/tests/common/mod.rs"]
 mod qcommon;
 
+use common::{guest_writes, job_seed};
+
 use qcommon::{qemu_img, qemu_io, TempDir, MIB};
-use rand::{rngs::SmallRng, Rng, SeedableRng};
+use rand::{rngs::SmallRng, SeedableRng};
 use serde_json::{json, Value};
-use sluice_core::{Graph, IoBytes, Node, PermPair, Role, Root, WriteFlags};
+use sluice_core::{Graph, Node, PermPair, Role, Root};
 use sluice_jobs::backup::{self, BackupParams};
 use sluice_jobs::commit::{self, CommitParams};
 use sluice_jobs::mirror::{self, MirrorParams, SyncMode};
 use sluice_jobs::stream::{self, StreamParams};
 use sluice_jobs::{JobManager, JobOptions, JobStatus};
 use std::sync::Arc;
-
-fn seed() -> u64 {
-    std::env::var("SLUICE_JOB_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random)
-}
 
 /// Files `name.qcow2` for each name, each backed by the one before, with
 /// `fills` written by qemu-io: `(layer, offset, len, byte)`. Returns the
@@ -75,22 +71,6 @@ async fn open_chain(graph: &Graph, names: &[&str], paths: &[String]) -> Vec<Arc<
         );
     }
     nodes
-}
-
-async fn guest_writes(root: &Root, model: &mut [u8], rng: &mut SmallRng, count: usize) {
-    for _ in 0..count {
-        let len = rng.gen_range(1..=6) * 4096;
-        let off = rng.gen_range(0..(MIB as usize - len) / 4096) * 4096;
-        let byte: u8 = rng.gen();
-        root.write(
-            off as u64,
-            IoBytes::copy_from(&vec![byte; len]),
-            WriteFlags::default(),
-        )
-        .await
-        .unwrap();
-        model[off..off + len].fill(byte);
-    }
 }
 
 /// The guest's view equals the model while sluice still has the images.
@@ -151,7 +131,7 @@ fn chain_of(img: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_to_an_intermediate_base_on_qcow2_files() {
-    let seed = seed();
+    let seed = job_seed();
     let mut rng = SmallRng::seed_from_u64(seed);
     let dir = TempDir::new("stream");
     let names = ["base", "m1", "m2", "top"];
@@ -178,7 +158,10 @@ async fn stream_to_an_intermediate_base_on_qcow2_files() {
     )
     .await
     .unwrap();
-    guest_writes(&guest, &mut model, &mut rng, 24).await;
+    guest_writes(&guest, MIB as usize, &mut rng, 24, |o, l, b| {
+        model[o..o + l].fill(b)
+    })
+    .await;
     assert_eq!(job.wait_concluded().await, None, "seed {seed}");
     assert_view(&guest, &model, seed).await;
     drop(nodes);
@@ -195,7 +178,7 @@ async fn stream_to_an_intermediate_base_on_qcow2_files() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn intermediate_commit_on_qcow2_files() {
-    let seed = seed();
+    let seed = job_seed();
     let mut rng = SmallRng::seed_from_u64(seed);
     let dir = TempDir::new("commit");
     let names = ["base", "mid", "top"];
@@ -223,7 +206,10 @@ async fn intermediate_commit_on_qcow2_files() {
     let job = commit::start(&jobs, JobOptions::new("c"), params)
         .await
         .unwrap();
-    guest_writes(&guest, &mut model, &mut rng, 24).await;
+    guest_writes(&guest, MIB as usize, &mut rng, 24, |o, l, b| {
+        model[o..o + l].fill(b)
+    })
+    .await;
     assert_eq!(job.wait_concluded().await, None, "seed {seed}");
     assert_view(&guest, &model, seed).await;
     drop(nodes);
@@ -235,7 +221,7 @@ async fn intermediate_commit_on_qcow2_files() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn active_commit_and_mirror_on_qcow2_files() {
-    let seed = seed();
+    let seed = job_seed();
     let mut rng = SmallRng::seed_from_u64(seed);
     // Active commit: the guest ends up on base.qcow2.
     let dir = TempDir::new("active");
@@ -254,9 +240,15 @@ async fn active_commit_and_mirror_on_qcow2_files() {
     let job = mirror::start_active_commit(&jobs, JobOptions::new("c"), &nodes[1], &nodes[0], None)
         .await
         .unwrap();
-    guest_writes(&guest, &mut model, &mut rng, 16).await;
+    guest_writes(&guest, MIB as usize, &mut rng, 16, |o, l, b| {
+        model[o..o + l].fill(b)
+    })
+    .await;
     job.wait_for(|s| s == JobStatus::Ready).await;
-    guest_writes(&guest, &mut model, &mut rng, 16).await;
+    guest_writes(&guest, MIB as usize, &mut rng, 16, |o, l, b| {
+        model[o..o + l].fill(b)
+    })
+    .await;
     job.complete().unwrap();
     assert_eq!(job.wait_concluded().await, None, "seed {seed}");
     assert!(Arc::ptr_eq(&guest.node(), &nodes[0]));
@@ -289,9 +281,15 @@ async fn active_commit_and_mirror_on_qcow2_files() {
     )
     .await
     .unwrap();
-    guest_writes(&guest, &mut model, &mut rng, 16).await;
+    guest_writes(&guest, MIB as usize, &mut rng, 16, |o, l, b| {
+        model[o..o + l].fill(b)
+    })
+    .await;
     job.wait_for(|s| s == JobStatus::Ready).await;
-    guest_writes(&guest, &mut model, &mut rng, 16).await;
+    guest_writes(&guest, MIB as usize, &mut rng, 16, |o, l, b| {
+        model[o..o + l].fill(b)
+    })
+    .await;
     job.complete().unwrap();
     assert_eq!(job.wait_concluded().await, None, "seed {seed}");
     drop((nodes, t));
@@ -302,7 +300,7 @@ async fn active_commit_and_mirror_on_qcow2_files() {
 
 #[tokio::test]
 async fn backup_to_a_qcow2_file_is_point_in_time() {
-    let seed = seed();
+    let seed = job_seed();
     let mut rng = SmallRng::seed_from_u64(seed);
     let dir = TempDir::new("backup");
     let (paths, at_start) = make_chain(
@@ -331,7 +329,10 @@ async fn backup_to_a_qcow2_file_is_point_in_time() {
     job.pause().unwrap();
     job.wait_for(|s| s == JobStatus::Paused).await;
     let mut now = at_start.clone();
-    guest_writes(&guest, &mut now, &mut rng, 32).await;
+    guest_writes(&guest, MIB as usize, &mut rng, 32, |o, l, b| {
+        now[o..o + l].fill(b)
+    })
+    .await;
     job.resume().unwrap();
     assert_eq!(job.wait_concluded().await, None, "seed {seed}");
     drop((nodes, t));
@@ -423,7 +424,7 @@ async fn stream_cancelled_half_way_and_stopped_by_an_error_on_qcow2_files() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mirror_soft_cancel_after_ready_on_qcow2_files() {
-    let seed = seed();
+    let seed = job_seed();
     let mut rng = SmallRng::seed_from_u64(seed);
     let dir = TempDir::new("softcancel");
     let (paths, mut model) = make_chain(
@@ -450,7 +451,10 @@ async fn mirror_soft_cancel_after_ready_on_qcow2_files() {
     .await
     .unwrap();
     job.wait_for(|s| s == JobStatus::Ready).await;
-    guest_writes(&guest, &mut model, &mut rng, 24).await;
+    guest_writes(&guest, MIB as usize, &mut rng, 24, |o, l, b| {
+        model[o..o + l].fill(b)
+    })
+    .await;
     job.cancel(false).await.unwrap();
     assert_eq!(job.wait_concluded().await, None, "seed {seed}");
     assert!(Arc::ptr_eq(&guest.node(), &nodes[1]), "no pivot");
@@ -465,7 +469,7 @@ async fn mirror_soft_cancel_after_ready_on_qcow2_files() {
 /// the job, and back to read-only when an intermediate commit ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commit_into_a_read_only_base_opened_from_headers() {
-    let seed = seed();
+    let seed = job_seed();
     let mut rng = SmallRng::seed_from_u64(seed);
     let dir = TempDir::new("commit-ro-base");
     let names = ["base", "mid", "top"];
@@ -504,7 +508,10 @@ async fn commit_into_a_read_only_base_opened_from_headers() {
         .await
         .unwrap();
     assert!(!base.is_read_only(), "writable while the job runs");
-    guest_writes(&guest, &mut model, &mut rng, 24).await;
+    guest_writes(&guest, MIB as usize, &mut rng, 24, |o, l, b| {
+        model[o..o + l].fill(b)
+    })
+    .await;
     assert_eq!(job.wait_concluded().await, None, "seed {seed}");
     assert!(base.is_read_only(), "read-only again after the job");
     assert!(base.child(Role::File).unwrap().is_read_only());
@@ -516,9 +523,15 @@ async fn commit_into_a_read_only_base_opened_from_headers() {
     let job = mirror::start_active_commit(&jobs, JobOptions::new("a"), &top, &base, None)
         .await
         .unwrap();
-    guest_writes(&guest, &mut model, &mut rng, 16).await;
+    guest_writes(&guest, MIB as usize, &mut rng, 16, |o, l, b| {
+        model[o..o + l].fill(b)
+    })
+    .await;
     job.wait_for(|s| s == JobStatus::Ready).await;
-    guest_writes(&guest, &mut model, &mut rng, 16).await;
+    guest_writes(&guest, MIB as usize, &mut rng, 16, |o, l, b| {
+        model[o..o + l].fill(b)
+    })
+    .await;
     job.complete().unwrap();
     assert_eq!(job.wait_concluded().await, None, "seed {seed}");
     assert!(Arc::ptr_eq(&guest.node(), &base));

@@ -6,14 +6,12 @@ mod common;
 #[path = "../../drivers/tests/common/mod.rs"]
 mod dcommon;
 
-use common::names;
+use common::{guest_writes, job_seed, names};
 use dcommon::{fill, memory_chain, root_on, seed_chain, MIB};
 use futures::poll;
-use rand::{rngs::SmallRng, Rng, SeedableRng};
+use rand::{rngs::SmallRng, SeedableRng};
 use serde_json::json;
-use sluice_core::{
-    DebugEvent, DriverStatus, Error, Graph, IoBytes, Node, PermPair, Role, Root, WriteFlags,
-};
+use sluice_core::{DebugEvent, DriverStatus, Error, Graph, Node, PermPair, Role, Root};
 use sluice_jobs::commit::{self, CommitParams};
 use sluice_jobs::stream::{self, StreamParams};
 use sluice_jobs::{JobManager, JobOptions, JobStatus, OnError};
@@ -28,31 +26,6 @@ fn same(a: &Arc<Node>, b: &Arc<Node>) -> bool {
     Arc::ptr_eq(a, b)
 }
 
-/// Guest writes at seeded random places while a job runs; the model
-/// follows. Returns when `count` writes are done.
-async fn guest_writes(
-    root: Arc<Root>,
-    model: Arc<parking_lot::Mutex<Vec<u8>>>,
-    seed: u64,
-    count: usize,
-) {
-    let mut rng = SmallRng::seed_from_u64(seed);
-    for _ in 0..count {
-        let len = rng.gen_range(1..=16) * 4096;
-        let off = rng.gen_range(0..(MIB as usize - len) / 4096) * 4096;
-        let byte: u8 = rng.gen();
-        root.write(
-            off as u64,
-            IoBytes::copy_from(&vec![byte; len]),
-            WriteFlags::default(),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("guest write (seed {seed}): {e}"));
-        model.lock()[off..off + len].fill(byte);
-        tokio::task::yield_now().await;
-    }
-}
-
 async fn assert_matches_model(root: &Root, model: &[u8], seed: u64) {
     let got = root.read(0, model.len()).await.unwrap();
     if let Some(i) = (0..model.len()).find(|&i| got[i] != model[i]) {
@@ -65,10 +38,7 @@ async fn assert_matches_model(root: &Root, model: &[u8], seed: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_to_an_intermediate_base_while_the_guest_writes() {
-    let seed: u64 = std::env::var("SLUICE_JOB_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
+    let seed = job_seed();
     let graph = Graph::new();
     let [base, m1, m2, top] = memory_chain(&graph, ["base", "m1", "m2", "top"]).await;
     fill(&graph, &base, 0, MIB as usize, 0x11).await;
@@ -88,7 +58,16 @@ async fn stream_to_an_intermediate_base_while_the_guest_writes() {
 
     let jobs = JobManager::new(graph.clone());
     let mut rx = jobs.events().subscribe();
-    let writer = tokio::spawn(guest_writes(guest.clone(), model.clone(), seed, 64));
+    let writer = {
+        let (guest, model) = (guest.clone(), model.clone());
+        tokio::spawn(async move {
+            let mut rng = SmallRng::seed_from_u64(seed);
+            guest_writes(&guest, MIB as usize, &mut rng, 64, |o, l, b| {
+                model.lock()[o..o + l].fill(b)
+            })
+            .await
+        })
+    };
     let job = stream::start(
         &jobs,
         JobOptions::new("s"),
@@ -385,10 +364,7 @@ async fn seed_stream(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn intermediate_commit_while_the_guest_writes() {
-    let seed: u64 = std::env::var("SLUICE_JOB_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
+    let seed = job_seed();
     let graph = Graph::new();
     let [base, mid, top] = memory_chain(&graph, ["base", "mid", "top"]).await;
     fill(&graph, &base, 0, MIB as usize, 0x11).await;
@@ -404,7 +380,16 @@ async fn intermediate_commit_while_the_guest_writes() {
             .unwrap(),
     );
     let jobs = JobManager::new(graph.clone());
-    let writer = tokio::spawn(guest_writes(guest.clone(), model.clone(), seed, 64));
+    let writer = {
+        let (guest, model) = (guest.clone(), model.clone());
+        tokio::spawn(async move {
+            let mut rng = SmallRng::seed_from_u64(seed);
+            guest_writes(&guest, MIB as usize, &mut rng, 64, |o, l, b| {
+                model.lock()[o..o + l].fill(b)
+            })
+            .await
+        })
+    };
     let job = commit::start(
         &jobs,
         JobOptions::new("c"),

@@ -140,3 +140,68 @@ pub fn events(rx: &mut UnboundedReceiver<JobEvent>) -> Vec<JobEvent> {
     }
     out
 }
+
+/// The seed of a randomized job test: `SLUICE_JOB_SEED` replays one, else
+/// random; printed either way (and named in every failure message).
+pub fn job_seed() -> u64 {
+    let seed = std::env::var("SLUICE_JOB_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    println!("seed {seed} (SLUICE_JOB_SEED={seed} replays it)");
+    seed
+}
+
+/// `count` guest writes of 4–32 KiB at seeded random places in the first
+/// `disk` bytes through `root`; `record(offset, len, byte)` keeps the
+/// model. Yields between writes so a job runs alongside.
+pub async fn guest_writes(
+    root: &sluice_core::Root,
+    disk: usize,
+    rng: &mut rand::rngs::SmallRng,
+    count: usize,
+    mut record: impl FnMut(usize, usize, u8),
+) {
+    use rand::Rng;
+    for _ in 0..count {
+        let len = rng.gen_range(1..=8) * 4096;
+        let off = rng.gen_range(0..(disk - len) / 4096) * 4096;
+        let byte: u8 = rng.gen();
+        root.write(
+            off as u64,
+            sluice_core::IoBytes::copy_from(&vec![byte; len]),
+            sluice_core::WriteFlags::default(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("guest write at {off}: {e}"));
+        record(off, len, byte);
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Everything `node` shows, read through a short-lived root.
+pub async fn contents(graph: &Graph, node: &Arc<sluice_core::Node>) -> Vec<u8> {
+    let w = graph.writer().await;
+    let r = w
+        .add_root(
+            "test",
+            "check",
+            node,
+            sluice_core::PermPair::reader_sharing_all(),
+        )
+        .await
+        .unwrap();
+    drop(w);
+    r.read(0, node.size() as usize).await.unwrap().to_vec()
+}
+
+/// `got` equals the model; else the first differing byte and the seed.
+pub fn assert_same(got: &[u8], want: &[u8], what: &str, seed: u64) {
+    assert_eq!(got.len(), want.len(), "seed {seed}: {what}: length");
+    if let Some(i) = (0..want.len()).find(|&i| got[i] != want[i]) {
+        panic!(
+            "seed {seed}: {what}: byte {i} is {:#x}, the model says {:#x}",
+            got[i], want[i]
+        );
+    }
+}
