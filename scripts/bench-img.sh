@@ -6,7 +6,9 @@
 # Timed, ROUNDS times each, the two tools alternating which goes first:
 #   convert -O qcow2 (default and -W -m 16), convert -O raw,
 #   compare (the chain against its flattened copy: every byte read),
-#   check (the 1.25 GiB flattened qcow2).
+#   check (the 1.25 GiB flattened qcow2), rebase -b "" (flattening a
+#   copy of top.qcow2 in place), commit (of a copy of top into a copy of
+#   base).
 # Prints a Markdown table of median wall times and qemu-img/sluice ratios
 # (above 1: sluice is faster).
 #
@@ -42,15 +44,41 @@ if [ ! -f top.qcow2 ]; then
     qemu-img convert -O qcow2 top.qcow2 flat.qcow2
 fi
 
-# time_of CMD...: wall seconds of one run (output discarded; failure aborts).
-# Dirty pages of earlier runs are written back first (untimed), so that no
-# run pays for another's writeback throttling.
+# Cases that change their images run on fresh copies, made untimed:
+#   rebase: ovl.qcow2 (a copy of top.qcow2 on base.qcow2) flattened with -b "";
+#   commit: ctop.qcow2 committed into cbase.qcow2 (copies of both).
+prepare() {
+    case "$1" in
+    rebase*)
+        cp top.qcow2 ovl.qcow2
+        qemu-img rebase -u -F qcow2 -b "$DIR/base.qcow2" ovl.qcow2 ;;
+    commit*)
+        cp base.qcow2 cbase.qcow2
+        cp top.qcow2 ctop.qcow2
+        qemu-img rebase -u -F qcow2 -b "$DIR/cbase.qcow2" ctop.qcow2 ;;
+    esac
+}
+
+# run_case TOOL CASE: the command line of CASE for TOOL.
+run_case() {
+    local tool=$1 c=$2
+    case "$c" in
+    'rebase -b "" ovl.qcow2') $tool rebase -b "" ovl.qcow2 ;;
+    # shellcheck disable=SC2086
+    *) $tool $c ;;
+    esac
+}
+
+# time_of TOOL CASE: wall seconds of one run (output discarded; failure
+# aborts). Dirty pages of earlier runs are written back first (untimed),
+# so that no run pays for another's writeback throttling.
 time_of() {
     local t0 t1
     rm -f out.qcow2 out.raw
+    prepare "$2"
     sync
     t0=$(date +%s.%N)
-    "$@" >/dev/null 2>&1 || { echo "failed: $*" >&2; exit 1; }
+    run_case "$1" "$2" >/dev/null 2>&1 || { echo "failed: $*" >&2; exit 1; }
     t1=$(date +%s.%N)
     echo "$t1 - $t0" | bc -l
 }
@@ -65,6 +93,8 @@ CASES=(
     "convert -O raw top.qcow2 out.raw"
     "compare top.qcow2 flat.qcow2"
     "check flat.qcow2"
+    'rebase -b "" ovl.qcow2'
+    "commit ctop.qcow2"
 )
 
 declare -A Q S
@@ -73,16 +103,16 @@ for r in $(seq 1 "$ROUNDS"); do
     for c in "${CASES[@]}"; do
         # shellcheck disable=SC2086
         if (( r % 2 )); then
-            q=$(time_of qemu-img $c)
-            s=$(time_of "$SLUICE" img $c)
+            q=$(time_of qemu-img "$c")
+            s=$(time_of "$SLUICE img" "$c")
         else
-            s=$(time_of "$SLUICE" img $c)
-            q=$(time_of qemu-img $c)
+            s=$(time_of "$SLUICE img" "$c")
+            q=$(time_of qemu-img "$c")
         fi
         Q[$c]+="$q"$'\n'; S[$c]+="$s"$'\n'
     done
 done
-rm -f out.qcow2 out.raw
+rm -f out.qcow2 out.raw ovl.qcow2 cbase.qcow2 ctop.qcow2
 
 echo "| command (\`qemu-img\` / \`sluice img\`) | qemu-img s | sluice s | ratio |"
 echo "| --- | ---: | ---: | ---: |"
