@@ -471,3 +471,25 @@ async fn a_change_keeps_the_changed_node_quiesced_after_cutting_its_drained_path
     assert_eq!(top.quiesce_count(), 0);
     assert_eq!(mid.quiesce_count(), 0);
 }
+
+/// Negative control of the test above: without the pin, the same step
+/// releases the guest while the transaction is still open.
+#[tokio::test]
+async fn negative_control_without_the_pin_the_cut_path_releases_the_guest() {
+    let graph = Graph::new();
+    let [base, mid, top] = memory_chain(&graph, ["base", "mid", "top"]).await;
+    let root = root_on(&graph, "guest", &top, PermPair::writer())
+        .await
+        .unwrap();
+    let w = graph.writer().await;
+    let drained = w.drain(&mid).await;
+    let mut tx = w.transaction();
+    tx.skip_pins_for_negative_control();
+    tx.set_backing(&drained, &top, Some(&base)).unwrap();
+    assert!(
+        !root.is_quiesced(),
+        "the negative control lost its teeth: the guest stayed queued without the pin"
+    );
+    drop(tx);
+    drop(drained);
+}

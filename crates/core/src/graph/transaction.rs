@@ -48,6 +48,8 @@ pub struct Transaction<'w, 'g> {
     pins: Vec<Arc<Node>>,
     steps: usize,
     fail_at: Option<usize>,
+    /// Test-only: changed nodes are not pinned (negative controls).
+    no_pins: bool,
 }
 
 impl<'w, 'g> Transaction<'w, 'g> {
@@ -60,6 +62,7 @@ impl<'w, 'g> Transaction<'w, 'g> {
             pins: Vec::new(),
             steps: 0,
             fail_at: None,
+            no_pins: false,
         }
     }
 
@@ -69,6 +72,13 @@ impl<'w, 'g> Transaction<'w, 'g> {
     #[cfg(feature = "test-hooks")]
     pub fn fail_at_step(&mut self, k: usize) {
         self.fail_at = Some(k);
+    }
+
+    /// Leaves changed nodes unpinned, for the negative control of the
+    /// pinning test: it shows the drain coverage a cut path loses.
+    #[cfg(feature = "test-hooks")]
+    pub fn skip_pins_for_negative_control(&mut self) {
+        self.no_pins = true;
     }
 
     /// Primitive steps taken so far.
@@ -136,7 +146,7 @@ impl<'w, 'g> Transaction<'w, 'g> {
         if proof.covers(node) {
             // Already idle and quiesced (the proof says so): pinning it
             // waits for nothing.
-            if !self.pins.iter().any(|p| Arc::ptr_eq(p, node)) {
+            if !self.no_pins && !self.pins.iter().any(|p| Arc::ptr_eq(p, node)) {
                 links::quiesce_node_up(node, 1);
                 self.pins.push(node.clone());
             }
