@@ -11,6 +11,11 @@
 //!   graph to drivers; it can be split into disjoint windows.
 //! * [`IoBytes`] — shared, immutable, cheaply sliced bytes (what a caller
 //!   writes); an engine clones it to keep the data alive.
+//!
+//! Large buffers are recycled through a process-wide pool: a copy loop
+//! reads megabytes per request, and a fresh allocation costs page faults
+//! and zeroing of every byte — more than the page-cache copy it is for.
+//! [`IoBuf::recycled`] hands out such a buffer without clearing it.
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::marker::PhantomData;
@@ -21,10 +26,26 @@ use std::sync::Arc;
 /// Alignment of every buffer: enough for O_DIRECT on 4 KiB-sector devices.
 pub const BUF_ALIGN: usize = 4096;
 
-/// One aligned heap allocation. Never resized; freed when the last `Arc` goes.
+/// Buffers of whole huge pages are aligned to them, so that the kernel
+/// can back them with huge pages: fewer TLB misses in the copies into and
+/// out of them.
+const HUGE_PAGE: usize = 2 << 20;
+
+fn align_for(len: usize) -> usize {
+    if len.is_multiple_of(HUGE_PAGE) {
+        HUGE_PAGE
+    } else {
+        BUF_ALIGN
+    }
+}
+
+/// One aligned heap allocation. Never resized; freed (or given back to the
+/// [`pool`]) when the last `Arc` goes.
 pub struct Alloc {
     ptr: NonNull<u8>,
     len: usize,
+    /// Straight from the allocator, so still all zero.
+    fresh: bool,
 }
 
 // SAFETY: `Alloc` is plain memory; access is coordinated by the buffer types.
@@ -32,28 +53,117 @@ unsafe impl Send for Alloc {}
 unsafe impl Sync for Alloc {}
 
 impl Alloc {
-    fn zeroed(len: usize) -> Arc<Alloc> {
+    fn new_zeroed(len: usize) -> Alloc {
         if len == 0 {
-            return Arc::new(Alloc {
+            return Alloc {
                 ptr: NonNull::dangling(),
                 len: 0,
-            });
+                fresh: true,
+            };
         }
-        let layout = Layout::from_size_align(len, BUF_ALIGN).expect("buffer layout");
+        let layout = Layout::from_size_align(len, align_for(len)).expect("buffer layout");
         // SAFETY: layout has non-zero size.
         let raw = unsafe { alloc_zeroed(layout) };
         let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
-        Arc::new(Alloc { ptr, len })
+        if layout.align() == HUGE_PAGE {
+            // SAFETY: advice on memory we own, aligned and sized in whole pages.
+            unsafe { libc::madvise(raw.cast(), len, libc::MADV_HUGEPAGE) };
+        }
+        Alloc {
+            ptr,
+            len,
+            fresh: true,
+        }
+    }
+
+    /// An allocation of at least `len` bytes from the pool, its contents
+    /// whatever its last user left (always initialised: every allocation
+    /// starts zeroed).
+    fn recycled(len: usize) -> Arc<Alloc> {
+        match pool::class_of(len) {
+            Some(class) => Arc::new(pool::take(class).unwrap_or_else(|| Alloc::new_zeroed(class))),
+            None => Arc::new(Alloc::new_zeroed(len)),
+        }
     }
 }
 
 impl Drop for Alloc {
     fn drop(&mut self) {
-        if self.len != 0 {
-            let layout = Layout::from_size_align(self.len, BUF_ALIGN).expect("buffer layout");
-            // SAFETY: allocated in `zeroed` with this layout.
-            unsafe { dealloc(self.ptr.as_ptr(), layout) }
+        if self.len == 0 {
+            return;
         }
+        let me = Alloc {
+            ptr: self.ptr,
+            len: self.len,
+            fresh: false,
+        };
+        if let Some(me) = pool::give(me) {
+            // Not kept: free it. `me` is forgotten so that this does not recurse.
+            let layout = Layout::from_size_align(me.len, align_for(me.len)).expect("buffer layout");
+            let raw = me.ptr.as_ptr();
+            std::mem::forget(me);
+            // SAFETY: allocated in `new_zeroed` with this layout; `self` is
+            // being dropped and `me` was forgotten, so nothing else frees it.
+            unsafe { dealloc(raw, layout) }
+        }
+    }
+}
+
+/// The pool of large allocations, by power-of-two size class.
+mod pool {
+    use super::Alloc;
+    use parking_lot::Mutex;
+
+    /// Smaller buffers come cheaply from malloc.
+    const MIN_CLASS: usize = 64 << 10;
+    /// Larger ones are rare (a single huge request) and not kept.
+    const MAX_CLASS: usize = 32 << 20;
+    /// At most this many bytes wait in the pool; the rest is freed.
+    const MAX_POOLED: usize = 128 << 20;
+
+    const CLASSES: usize = (MAX_CLASS.trailing_zeros() - MIN_CLASS.trailing_zeros() + 1) as usize;
+
+    struct Pool {
+        free: [Vec<Alloc>; CLASSES],
+        bytes: usize,
+    }
+
+    static POOL: Mutex<Pool> = Mutex::new(Pool {
+        free: [const { Vec::new() }; CLASSES],
+        bytes: 0,
+    });
+
+    /// The size class that serves `len` bytes, if pooled.
+    pub(super) fn class_of(len: usize) -> Option<usize> {
+        let class = len.max(MIN_CLASS).checked_next_power_of_two()?;
+        (class <= MAX_CLASS && len > 0).then_some(class)
+    }
+
+    fn index(class: usize) -> usize {
+        (class.trailing_zeros() - MIN_CLASS.trailing_zeros()) as usize
+    }
+
+    pub(super) fn take(class: usize) -> Option<Alloc> {
+        let mut p = POOL.lock();
+        let mut a = p.free[index(class)].pop()?;
+        p.bytes -= a.len;
+        a.fresh = false;
+        Some(a)
+    }
+
+    /// Keeps `a` for reuse if it is of a pooled class and there is room;
+    /// otherwise gives it back to be freed.
+    pub(super) fn give(a: Alloc) -> Option<Alloc> {
+        if class_of(a.len) != Some(a.len) {
+            return Some(a);
+        }
+        let mut p = POOL.lock();
+        if p.bytes + a.len > MAX_POOLED {
+            return Some(a);
+        }
+        p.bytes += a.len;
+        p.free[index(a.len)].push(a);
+        None
     }
 }
 
@@ -71,22 +181,38 @@ pub struct IoBuf {
 impl IoBuf {
     /// A zero-filled buffer of `len` bytes.
     pub fn zeroed(len: usize) -> IoBuf {
+        let mut b = IoBuf::recycled(len);
+        if !b.alloc_is_fresh() {
+            b.fill(0);
+        }
+        b
+    }
+
+    /// A buffer of `len` bytes whose contents are unspecified: a recycled
+    /// allocation, not cleared. For reads, which fill every byte — cheaper
+    /// than [`IoBuf::zeroed`] for the multi-MiB buffers of copy loops.
+    pub fn recycled(len: usize) -> IoBuf {
         IoBuf {
-            alloc: Alloc::zeroed(len),
+            alloc: Alloc::recycled(len),
             len,
         }
     }
 
+    /// Whether nobody has written to the allocation yet (it is still zero).
+    fn alloc_is_fresh(&self) -> bool {
+        self.alloc.fresh
+    }
+
     /// A buffer holding a copy of `data`.
     pub fn copy_from(data: &[u8]) -> IoBuf {
-        let mut b = IoBuf::zeroed(data.len());
+        let mut b = IoBuf::recycled(data.len());
         b.copy_from_slice(data);
         b
     }
 
     /// A buffer of `len` bytes, each `byte`.
     pub fn filled(len: usize, byte: u8) -> IoBuf {
-        let mut b = IoBuf::zeroed(len);
+        let mut b = IoBuf::recycled(len);
         b.fill(byte);
         b
     }
@@ -287,6 +413,36 @@ mod tests {
         tail.fill(2);
         assert!(b[..4096].iter().all(|&x| x == 1));
         assert!(b[4096..].iter().all(|&x| x == 2));
+    }
+
+    #[test]
+    fn large_buffers_are_recycled_and_small_ones_are_not() {
+        // The largest class: no other test here uses it.
+        const LEN: usize = (32 << 20) - 5;
+        let b = IoBuf::filled(LEN, 0xa5);
+        let addr = b.as_ptr() as usize;
+        drop(b);
+        // The same class comes back from the pool, unchanged.
+        let again = IoBuf::recycled(LEN);
+        assert_eq!(again.as_ptr() as usize, addr);
+        assert!(again.iter().all(|&x| x == 0xa5));
+        // A frozen buffer goes back when its last slice goes.
+        let bytes = again.freeze();
+        let part = bytes.slice(0..10);
+        drop(bytes);
+        drop(part);
+        let third = IoBuf::recycled(LEN);
+        assert_eq!(third.as_ptr() as usize, addr);
+        drop(third);
+        // Zeroed buffers are zero whatever the pool holds.
+        drop(IoBuf::filled(LEN, 0xff));
+        let z = IoBuf::zeroed(LEN);
+        assert_eq!(z.as_ptr() as usize, addr);
+        assert!(z.iter().all(|&x| x == 0));
+        assert_eq!(pool::class_of(100), Some(64 << 10));
+        assert_eq!(pool::class_of(0), None);
+        assert_eq!(pool::class_of(usize::MAX), None);
+        assert_eq!(pool::class_of((32 << 20) + 1), None);
     }
 
     #[test]

@@ -340,6 +340,75 @@ async fn resize_and_length(aio: Aio) {
     assert!(matches!(ro.resize(MIB).await, Err(Error::ReadOnly { .. })));
 }
 
+/// Appending writes find their blocks reserved past the end of the file
+/// (one `fallocate` rather than allocation page by page); the reservation
+/// never changes the file's length, a file grown by truncation keeps none
+/// of it inside (it would stay allocated there), and closing frees it.
+async fn appends_reserve_ahead(aio: Aio) {
+    use std::os::unix::fs::MetadataExt;
+    let f = TempFile::new("reserve", 0);
+    let allocated = || std::fs::metadata(f.path()).unwrap().blocks() * 512;
+    let s = setup(f.path(), aio, CacheMode::WRITEBACK).await;
+    for i in 0..4 {
+        s.node.set_size((i + 1) * MIB);
+        let data = IoBytes::copy_from(&pattern(MIB as usize, i as u8));
+        s.root
+            .write(i * MIB, data, WriteFlags::default())
+            .await
+            .unwrap();
+    }
+    assert_eq!(std::fs::metadata(f.path()).unwrap().len(), 4 * MIB);
+    assert!(
+        allocated() >= 8 * MIB,
+        "nothing reserved past the end: {} bytes allocated",
+        allocated()
+    );
+    // Growing by truncation drops what was reserved.
+    s.node
+        .driver()
+        .truncate(&s.node, 16 * MIB, "off")
+        .await
+        .unwrap();
+    assert!(allocated() < 5 * MIB, "{} bytes allocated", allocated());
+    // Appends reserve again; closing frees the reservation.
+    s.node.set_size(17 * MIB);
+    let data = IoBytes::copy_from(&pattern(MIB as usize, 9));
+    s.root
+        .write(16 * MIB, data, WriteFlags::default())
+        .await
+        .unwrap();
+    assert!(allocated() >= 8 * MIB);
+    let node = s.node.clone();
+    drop(s);
+    node.driver().close();
+    assert!(allocated() < 6 * MIB, "{} bytes allocated", allocated());
+    assert_eq!(std::fs::metadata(f.path()).unwrap().len(), 17 * MIB);
+    let back = std::fs::read(f.path()).unwrap();
+    for i in 0..4u64 {
+        let r = (i * MIB) as usize..((i + 1) * MIB) as usize;
+        assert!(
+            back[r] == pattern(MIB as usize, i as u8)[..],
+            "MiB {i} changed"
+        );
+    }
+    assert!(back[4 * MIB as usize..16 * MIB as usize]
+        .iter()
+        .all(|&b| b == 0));
+    assert!(back[16 * MIB as usize..] == pattern(MIB as usize, 9)[..]);
+}
+
+#[tokio::test]
+async fn appends_reserve_ahead_threads() {
+    appends_reserve_ahead(Aio::Threads).await;
+}
+
+#[tokio::test]
+async fn appends_reserve_ahead_io_uring() {
+    if uring_ok("appends_reserve_ahead_io_uring") {
+        appends_reserve_ahead(Aio::IoUring).await;
+    }
+}
+
 #[tokio::test]
 async fn resize_threads() {
     resize_and_length(Aio::Threads).await;

@@ -91,7 +91,7 @@ impl State {
                         .await
                         .map_err(|e| (false, e))?;
                 } else {
-                    let mut buf = IoBuf::zeroed(n as usize);
+                    let mut buf = IoBuf::recycled(n as usize);
                     source
                         .read(pos, buf.as_read_buf())
                         .await

@@ -355,7 +355,7 @@ impl Mirror {
                 );
             }
         }
-        let mut buf = IoBuf::zeroed(len as usize);
+        let mut buf = IoBuf::recycled(len as usize);
         if let Err(e) = source.read(off, buf.as_read_buf()).await {
             return (true, Err(e));
         }

@@ -68,39 +68,16 @@ enum Outcome {
 struct Side<'a> {
     root: &'a Root,
     name: &'a str,
-    /// Whole-chunk buffers compared and given back: allocating (and
-    /// zeroing) a fresh one per read costs more than the read.
-    pool: std::sync::Mutex<Vec<IoBuf>>,
 }
 
 impl<'a> Side<'a> {
     fn new(root: &'a Root, name: &'a str) -> Side<'a> {
-        Side {
-            root,
-            name,
-            pool: std::sync::Mutex::new(Vec::new()),
-        }
-    }
-
-    fn take(&self) -> Option<IoBuf> {
-        self.pool.lock().unwrap_or_else(|e| e.into_inner()).pop()
-    }
-
-    /// Gives a buffer back for the next whole-chunk read.
-    fn give(&self, buf: IoBuf) {
-        if buf.len() as u64 == CHUNK {
-            self.pool
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(buf);
-        }
+        Side { root, name }
     }
 }
 
 async fn read_side(s: &Side<'_>, off: u64, len: u64) -> Result<IoBuf, Outcome> {
-    let pooled = (len == CHUNK).then(|| s.take()).flatten();
-    let buf = pooled.unwrap_or_else(|| IoBuf::zeroed(len as usize));
-    s.root.read_into(off, buf).await.map_err(|e| {
+    s.root.read(off, len as usize).await.map_err(|e| {
         Outcome::Error(
             4,
             format!(
@@ -189,8 +166,6 @@ async fn compare(
                         at + d as u64
                     ));
                 }
-                a.give(x);
-                b.give(y);
             }
             Ok(_) => {}
             Err(o) => return o,
@@ -236,7 +211,6 @@ async fn compare(
                         at + d as u64
                     ));
                 }
-                long.give(x);
             }
             Err(o) => return o,
         }

@@ -402,7 +402,7 @@ impl Node {
     async fn read_unaligned(&self, offset: u64, mut buf: ReadBuf<'_>) -> Result<()> {
         let start = self.align_down(offset);
         let end = self.align_up(offset + buf.len() as u64);
-        let mut bounce = IoBuf::zeroed((end - start) as usize);
+        let mut bounce = IoBuf::recycled((end - start) as usize);
         self.driver.read(self, start, bounce.as_read_buf()).await?;
         let skip = (offset - start) as usize;
         buf.copy_from(&bounce[skip..skip + buf.len()]);
@@ -566,7 +566,7 @@ impl Node {
 
     /// Reads into a fresh buffer: a convenience for drivers and tools.
     pub async fn read_to_vec(&self, offset: u64, len: usize) -> Result<IoBuf> {
-        let mut buf = IoBuf::zeroed(len);
+        let mut buf = IoBuf::recycled(len);
         self.read(offset, buf.as_read_buf()).await?;
         Ok(buf)
     }

@@ -105,7 +105,7 @@ impl Root {
 
     /// Reads `len` bytes at `offset`.
     pub async fn read(&self, offset: u64, len: usize) -> Result<IoBuf> {
-        self.read_into(offset, IoBuf::zeroed(len)).await
+        self.read_into(offset, IoBuf::recycled(len)).await
     }
 
     pub async fn write(&self, offset: u64, data: IoBytes, flags: WriteFlags) -> Result<()> {

@@ -587,7 +587,7 @@ async fn read_request<R: AsyncRead + Unpin>(
             .acquire_many_owned(budget_units(req.len))
             .await
             .ok();
-        let mut buf = IoBuf::zeroed(req.len as usize);
+        let mut buf = IoBuf::recycled(req.len as usize);
         r.read_exact(&mut buf).await?;
         Some(buf.freeze())
     } else {

@@ -30,7 +30,7 @@ use std::ffi::CString;
 use std::fmt;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// How the cache is used: QEMU's `cache.direct` and `cache.no-flush`, plus
@@ -196,7 +196,18 @@ pub struct FileDriver {
     /// errno of a failed `fdatasync` in buffered mode: the page cache may
     /// have dropped data, so every later flush fails too (as QEMU does).
     page_cache_inconsistent: AtomicI32,
+    /// Writes past the end of the file (a growing qcow2 image, a copy
+    /// into a new file) find their blocks already allocated up to here:
+    /// see [`FileDriver::reserve_ahead`].
+    reserved_end: AtomicU64,
+    /// Cleared when the file system cannot reserve (or is full).
+    reserve_ok: AtomicBool,
 }
+
+/// How far past an appending write the file is reserved: an eighth of
+/// the file, between these bounds.
+const RESERVE_MIN: u64 = 8 << 20;
+const RESERVE_MAX: u64 = 64 << 20;
 
 impl fmt::Debug for FileDriver {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -217,6 +228,7 @@ impl Drop for FileDriver {
     /// a moment; in-flight operations of dropped futures may also still
     /// hold the fd.
     fn drop(&mut self) {
+        self.release_reserve();
         if self.use_lock {
             lock::release(self.fd().as_raw_fd(), &mut self.lock.lock());
         }
@@ -294,6 +306,8 @@ pub async fn open(
         has_write_zeroes: AtomicBool::new(true),
         has_discard: AtomicBool::new(true),
         page_cache_inconsistent: AtomicI32::new(0),
+        reserved_end: AtomicU64::new(size),
+        reserve_ok: AtomicBool::new(!read_only),
     };
     driver
         .lock_perms(default_perms(read_only))
@@ -458,6 +472,9 @@ impl FileDriver {
         if self.is_read_only() == read_only {
             return Ok(());
         }
+        if read_only {
+            self.release_reserve();
+        }
         let (new, st) = open_fd(&self.filename, read_only, self.cache.direct)?;
         let cur = self.fd();
         let old_st = fstat(cur.as_raw_fd()).map_err(|e| Error::Open {
@@ -488,6 +505,7 @@ impl FileDriver {
         }
         *self.fd.write() = Arc::new(new);
         self.read_only.store(read_only, Ordering::Release);
+        self.reserve_ok.store(!read_only, Ordering::Relaxed);
         if self.use_lock && read_only {
             let writes = Perm::WRITE | Perm::WRITE_UNCHANGED | Perm::RESIZE;
             let relaxed = PermPair::new(users.perm - writes, users.shared);
@@ -524,11 +542,15 @@ impl FileDriver {
                 perm: "resize",
             });
         }
+        // Blocks reserved past the end would stay allocated (reading as
+        // zeroes) inside a grown file: drop them first.
+        self.release_reserve();
         self.engine
             .truncate(&self.fd(), size)
             .await
-            .map(drop)
-            .map_err(|e| Error::io(&self.filename, "truncate", size, 0, e))
+            .map_err(|e| Error::io(&self.filename, "truncate", size, 0, e))?;
+        self.reserved_end.store(size, Ordering::Release);
+        Ok(())
     }
 
     /// Whether an `O_DIRECT` transfer needs a bounce buffer (both
@@ -652,6 +674,53 @@ impl FileDriver {
             }
         }
         Ok(())
+    }
+
+    /// Allocates the blocks past the end of the file that a write ending
+    /// at `end` and the writes after it will fill, in one
+    /// `FALLOC_FL_KEEP_SIZE` call: the file's length does not change, but
+    /// the file system no longer allocates (ext4: reserves delayed
+    /// blocks) page by page as appending writes arrive — about a third
+    /// of the cost of a buffered append on ext4 (BENCHMARKS.md). What is
+    /// left unused goes back when the node closes
+    /// ([`FileDriver::release_reserve`]) or the file is truncated.
+    async fn reserve_ahead(&self, end: u64) {
+        let from = self.reserved_end.load(Ordering::Acquire);
+        if end <= from || !self.reserve_ok.load(Ordering::Relaxed) {
+            return;
+        }
+        let to = end + (end / 8).clamp(RESERVE_MIN, RESERVE_MAX);
+        match self
+            .fallocate(libc::FALLOC_FL_KEEP_SIZE, from, to - from)
+            .await
+        {
+            Ok(()) => {
+                self.reserved_end.fetch_max(to, Ordering::AcqRel);
+            }
+            // Unsupported, or no room: writes allocate as they go.
+            Err(_) => self.reserve_ok.store(false, Ordering::Relaxed),
+        }
+    }
+
+    /// Frees the blocks reserved past the end of the file: a truncation
+    /// to the current length drops every block beyond it.
+    fn release_reserve(&self) {
+        let fd = self.fd();
+        let Ok(st) = fstat(fd.as_raw_fd()) else {
+            return;
+        };
+        let len = st.st_size as u64;
+        if self.reserved_end.swap(len, Ordering::AcqRel) > len && !self.is_read_only() {
+            // SAFETY: a plain syscall on an fd we own; no request is in
+            // flight (the node is closing or becoming read-only).
+            if unsafe { libc::ftruncate(fd.as_raw_fd(), st.st_size) } != 0 {
+                tracing::warn!(
+                    "{}: could not free the blocks reserved past the end: {}",
+                    self.filename,
+                    io::Error::last_os_error()
+                );
+            }
+        }
     }
 
     /// `fdatasync`, unless flushes are ignored (`cache=unsafe`).
@@ -822,6 +891,7 @@ impl BlockDriver for FileDriver {
 
     async fn write(&self, node: &Node, offset: u64, buf: IoBytes, flags: WriteFlags) -> Result<()> {
         let len = buf.len() as u64;
+        self.reserve_ahead(offset + len).await;
         self.write_bytes(offset, &buf)
             .await
             .map_err(|e| Error::io(node.name(), "write", offset, len, e))?;
@@ -946,6 +1016,7 @@ impl BlockDriver for FileDriver {
     }
 
     fn close(&self) {
+        self.release_reserve();
         if self.use_lock {
             lock::release(self.fd().as_raw_fd(), &mut self.lock.lock());
         }
