@@ -556,8 +556,8 @@ impl Qcow2Driver {
     }
 }
 
-/// Reads and checks the snapshot table (kept as found; sluice lists
-/// snapshots but does not change them); also returns the table's length
+/// Reads and checks the snapshot table (as found at open; changes go
+/// through [`crate::snapshot`], which reads it again); also returns the table's length
 /// in bytes (what its clusters hold, for refcount checks). Without
 /// `strict`, a snapshot's L1 table is not checked (the image check
 /// reports it as QEMU does).

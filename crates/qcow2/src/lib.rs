@@ -9,6 +9,7 @@
 //! * [`chain`] — the backing chain an image header names.
 //! * [`options`] — the node's options, with QEMU's names.
 
+pub mod amend;
 pub mod cache;
 pub mod chain;
 pub mod check;
@@ -20,6 +21,7 @@ pub mod format;
 pub mod header_write;
 pub mod options;
 pub mod resize;
+pub mod snapshot;
 pub mod write;
 
 pub use driver::{Mapping, Qcow2Driver};

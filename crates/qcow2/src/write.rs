@@ -663,6 +663,64 @@ impl Writer {
         Ok(())
     }
 
+    /// Turns lazy refcounts on or off for what this writer does next
+    /// (`qemu-img amend -o lazy_refcounts=...`, or a downgrade to version
+    /// 2, which has no dirty bit). Turning them off, the caller has made
+    /// the image clean first ([`Writer::flush`] closing).
+    pub(crate) async fn set_lazy(&self, on: bool) {
+        self.state.lock().await.lazy = on;
+    }
+
+    /// Turns the zero cluster of the active layer at guest offset `guest`
+    /// into what a version 2 image can say (QEMU's
+    /// `expand_zero_clusters_in_l1`, for a downgrade): without a backing
+    /// file (`backing` false) a plain zero cluster becomes unallocated;
+    /// with one it gets a new cluster, zeroed; a preallocated zero
+    /// cluster keeps its host cluster, zeroed. The new entry is published
+    /// as new clusters are (rule 2). Other entries are left alone.
+    pub(crate) async fn expand_zero_cluster(
+        &self,
+        d: &Qcow2Driver,
+        node: &Node,
+        guest: u64,
+        backing: bool,
+    ) -> Result<()> {
+        let file = d.file(node)?;
+        let cs = d.header().cluster_size();
+        let mut st = self.lock_range(guest, cs, cs).await;
+        Self::prepare(d, &file, &mut st).await?;
+        self.prepared.store(true, SeqCst);
+        let (l2_off, idx) = Self::l2_for_write(d, &file, &mut st, guest).await?;
+        let word = d.l2_table(&file, l2_off).await?[idx];
+        let mut to_free = Vec::new();
+        match Self::decode(d, word, guest)? {
+            L2Entry::Zero { host: None } if !backing => {
+                Self::set_l2_entry(d, &file, &mut st, l2_off, idx, 0).await?;
+            }
+            old @ L2Entry::Zero { host: None } => {
+                let host = Self::alloc(d, &file, &mut st).await?;
+                grow(&file, host + cs);
+                file.write_zeroes(host, cs, ZeroFlags::default()).await?;
+                let pending = vec![Pending {
+                    l2_off,
+                    idx,
+                    entry: host | COPIED,
+                    bitmap: None,
+                    old,
+                }];
+                Self::publish(d, &file, &mut st, pending, &mut to_free).await?;
+            }
+            L2Entry::Zero { host: Some(host) } => {
+                grow(&file, host + cs);
+                file.write_zeroes(host, cs, ZeroFlags::default()).await?;
+                Self::l2_depends_on_refcounts(d, &file, &mut st).await?;
+                Self::set_l2_entry(d, &file, &mut st, l2_off, idx, word & !ZERO_FLAG).await?;
+            }
+            _ => {}
+        }
+        Self::free_all(d, &file, &mut st, to_free).await
+    }
+
     /// Sets or clears the header's dirty bit, durably (QEMU's
     /// `qcow2_mark_dirty` / `qcow2_mark_clean`).
     async fn set_dirty_bit(d: &Qcow2Driver, file: &Node, st: &mut State, on: bool) -> Result<()> {
@@ -1641,6 +1699,17 @@ impl Writer {
         Ok(())
     }
 
+    /// The refcount and table machinery under the state lock, for a
+    /// whole-image metadata operation (internal snapshots). The caller
+    /// has the node drained (or owns the image alone): no lock-free write
+    /// is in flight, so freed clusters need no quarantine.
+    pub(crate) async fn meta<'a>(&'a self, d: &'a Qcow2Driver, file: &'a Node) -> Result<Meta<'a>> {
+        let mut st = self.state.lock().await;
+        Self::prepare(d, file, &mut st).await?;
+        self.prepared.store(true, SeqCst);
+        Ok(Meta { d, file, st })
+    }
+
     /// Preallocates every guest cluster of `[start, end)` (`start`
     /// cluster aligned) that has no host cluster (QEMU's
     /// `preallocate_co`), one L2 table at a time: the table, then data
@@ -2140,6 +2209,62 @@ impl Writer {
         Self::publish(d, &file, &mut st, pending, &mut to_free).await?;
         Self::free_all(d, &file, &mut st, to_free).await?;
         res
+    }
+}
+
+/// [`Writer::meta`]: the writer's state, locked, with the operations a
+/// whole-image metadata change needs (each the writer's own).
+pub(crate) struct Meta<'a> {
+    d: &'a Qcow2Driver,
+    file: &'a Node,
+    st: tokio::sync::MutexGuard<'a, State>,
+}
+
+impl Meta<'_> {
+    pub(crate) async fn refcount(&mut self, off: u64) -> Result<u64> {
+        Writer::refcount(self.d, self.file, &mut self.st, off).await
+    }
+
+    /// The largest refcount the image's refcount width holds.
+    pub(crate) fn refcount_max(&self) -> u64 {
+        Writer::refcount_max(self.d)
+    }
+
+    /// Sets the refcount of the cluster at `off` (in the refcount cache).
+    pub(crate) async fn set_refcount(&mut self, off: u64, v: u64) -> Result<()> {
+        Writer::set_refcount(self.d, self.file, &mut self.st, off, v).await
+    }
+
+    /// Drops one reference to every cluster of `[host, host + len)`
+    /// (what nothing reachable uses any more becomes free).
+    pub(crate) async fn drop_refs(&mut self, host: u64, len: u64) -> Result<()> {
+        Writer::drop_refs(self.d, self.file, &mut self.st, host, len).await
+    }
+
+    /// Allocates `n` contiguous clusters (refcount 1 each): a free one
+    /// inside the file when one is enough, else at the end of the file.
+    pub(crate) async fn alloc_clusters(&mut self, n: u64) -> Result<u64> {
+        let off = if n <= 1 {
+            Writer::alloc(self.d, self.file, &mut self.st).await?
+        } else {
+            Writer::alloc_run(self.d, self.file, &mut self.st, n).await?
+        };
+        grow(self.file, off + n.max(1) * self.d.header().cluster_size());
+        Ok(off)
+    }
+
+    /// Sets word `idx` of the L2 table at `l2_off` (cached, written back
+    /// by [`Meta::write_back`]).
+    pub(crate) async fn set_l2_word(&mut self, l2_off: u64, idx: usize, v: u64) -> Result<()> {
+        Writer::set_l2_words(self.d, self.file, &mut self.st, l2_off, idx, &[v]).await
+    }
+
+    /// Makes every change so far durable: refcount blocks first, then a
+    /// flush, then the L2 tables, then a flush.
+    pub(crate) async fn write_back(&mut self) -> Result<()> {
+        Writer::write_refblocks(self.d, self.file, &mut self.st).await?;
+        self.file.flush().await?;
+        Writer::write_back(self.d, self.file, &mut self.st, true).await
     }
 }
 

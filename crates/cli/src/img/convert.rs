@@ -84,7 +84,8 @@ pub struct ConvertArgs {
     /// Rate limit (accepted, not enforced).
     #[arg(short = 'r')]
     rate: Option<String>,
-    /// Internal snapshot to convert (not supported).
+    /// Internal snapshot to read the source as of (`snapshot.id=ID`,
+    /// `snapshot.name=NAME`, or an id or name).
     #[arg(short = 'l')]
     snapshot: Option<String>,
     #[arg(long = "object")]
@@ -441,9 +442,11 @@ fn convert(args: ConvertArgs) -> Result<(), String> {
     if args.files.len() < 2 {
         return Err("Must specify image file name".into());
     }
-    if args.snapshot.is_some() {
-        return Err("Converting from an internal snapshot is not supported by sluice".into());
-    }
+    let snapshot = args
+        .snapshot
+        .as_deref()
+        .map(super::snapshot::SnapshotParam::parse)
+        .transpose()?;
     let out_fmt = args.out_format.clone().unwrap_or_else(|| "raw".into());
     if args.image_opts && args.format.is_some() {
         return Err("--image-opts and -f are mutually exclusive".into());
@@ -510,6 +513,18 @@ fn convert(args: ConvertArgs) -> Result<(), String> {
                     close_all(srcs).await;
                     return Err(e);
                 }
+            }
+        }
+        if let Some(p) = &snapshot {
+            let loaded = match p {
+                super::snapshot::SnapshotParam::IdOrName(_) if srcs.len() > 1 => {
+                    Err("No support for concatenating multiple snapshot".to_string())
+                }
+                _ => super::snapshot::load_tmp(&mut srcs[0], p).await,
+            };
+            if let Err(e) = loaded {
+                close_all(srcs).await;
+                return Err(e);
             }
         }
         let total: u64 = srcs.iter().map(common::Image::size).sum();

@@ -1,6 +1,7 @@
 //! `sluice img`: the offline image tool, with qemu-img's options, output
 //! and exit codes.
 
+mod amend;
 mod bench;
 mod check;
 mod commit;
@@ -23,6 +24,8 @@ use std::process::ExitCode;
 
 #[derive(Subcommand)]
 pub enum ImgCommand {
+    /// Change format-specific options of an image (qemu-img amend).
+    Amend(amend::AmendArgs),
     /// Run a simple image benchmark (qemu-img bench).
     Bench(Box<bench::BenchArgs>),
     /// Show information about an image (qemu-img info).
@@ -51,6 +54,7 @@ pub enum ImgCommand {
 
 pub fn run(cmd: ImgCommand) -> Result<ExitCode, String> {
     match cmd {
+        ImgCommand::Amend(args) => Ok(amend::run(args)),
         ImgCommand::Bench(args) => bench::run(*args),
         ImgCommand::Info(args) => Ok(info::run(args)),
         ImgCommand::Map(args) => Ok(map::run(args)),

@@ -1,9 +1,14 @@
-//! `sluice img snapshot -l`: lists a qcow2 image's internal snapshots as
-//! qemu-img does. Creating, applying and deleting snapshots is refused.
+//! `sluice img snapshot`: lists, creates, applies and deletes a qcow2
+//! image's internal snapshots as qemu-img does (its messages and exit
+//! codes); `load_tmp` is `convert -l`'s read-only load of one.
 
 use super::common::{self, OpenSpec};
 use super::info::{qcow2_facts, snapshot_table};
+use sluice_core::{Node, Role};
+use sluice_qcow2::snapshot::{self as snap, SnapshotError};
+use sluice_qcow2::{Qcow2Driver, Qcow2Options};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 #[derive(clap::Args, Debug)]
 pub struct SnapshotArgs {
@@ -29,7 +34,20 @@ pub struct SnapshotArgs {
     image_opts: bool,
     #[arg(long = "object")]
     object: Vec<String>,
-    filename: Option<String>,
+    filenames: Vec<String>,
+}
+
+/// What `-c`, `-a` or `-d` asks for.
+enum Action {
+    Create(String),
+    Apply(String),
+    Delete(String),
+}
+
+fn usage(msg: &str) -> ExitCode {
+    common::error(msg);
+    eprintln!("Try 'qemu-img snapshot --help' for more info");
+    ExitCode::from(1)
 }
 
 pub fn run(args: SnapshotArgs) -> ExitCode {
@@ -39,23 +57,42 @@ pub fn run(args: SnapshotArgs) -> ExitCode {
         + usize::from(args.create.is_some())
         + usize::from(args.delete.is_some());
     if actions > 1 {
-        return common::fail(1, "Cannot mix '-l', '-a', '-c', '-d'");
+        return usage("Cannot mix '-l', '-a', '-c', '-d'");
     }
-    let Some(filename) = args.filename.clone() else {
-        common::error("Expecting one image file name");
-        eprintln!("Try 'qemu-img snapshot --help' for more info");
-        return ExitCode::from(1);
+    let [filename] = args.filenames.as_slice() else {
+        return usage("Expecting one image file name");
     };
-    if actions == 1 && !args.list {
-        return common::fail(
-            1,
-            &format!(
-                "{filename}: creating, applying and deleting snapshots is not supported by sluice"
-            ),
-        );
-    }
+    let action = match (&args.create, &args.apply, &args.delete) {
+        (Some(c), _, _) => Action::Create(c.clone()),
+        (_, Some(a), _) => Action::Apply(a.clone()),
+        (_, _, Some(d)) => Action::Delete(d.clone()),
+        _ => return list(&args, filename),
+    };
     let spec = OpenSpec {
-        name: filename,
+        name: filename.clone(),
+        format: args.format.clone(),
+        image_opts: args.image_opts,
+        force_share: args.force_share,
+        writable: true,
+        no_backing: true,
+        ..OpenSpec::default()
+    };
+    let probed = (args.format.is_none() && !args.image_opts).then(|| filename.clone());
+    let res = common::block_on(async move {
+        let img = common::open(&spec).await?;
+        let done = change(&img.node(), &action, probed.as_deref()).await;
+        let closed = img.close().await;
+        done.and(closed)
+    });
+    match res.and_then(|r| r) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => common::fail(1, &e),
+    }
+}
+
+fn list(args: &SnapshotArgs, filename: &str) -> ExitCode {
+    let spec = OpenSpec {
+        name: filename.to_string(),
         format: args.format.clone(),
         image_opts: args.image_opts,
         force_share: args.force_share,
@@ -69,11 +106,230 @@ pub fn run(args: SnapshotArgs) -> ExitCode {
         facts
     });
     match res.and_then(|r| r) {
-        Ok(Some(f)) if !f.snapshots.is_empty() => {
+        Ok(Some(f)) if !f.snapshots.is_empty() && !f.header.has_data_file() => {
             print!("Snapshot list:\n{}", snapshot_table(&f.snapshots));
             ExitCode::SUCCESS
         }
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => common::fail(1, &e),
+    }
+}
+
+/// The qcow2 layer of an open image, for a whole-image metadata change:
+/// a driver of its own on the image's file (the node's driver, idle
+/// while the tool runs, writes nothing back at close).
+async fn qcow2_on(node: &Node, writable: bool) -> Result<Option<(Qcow2Driver, Arc<Node>)>, String> {
+    if node.driver_name() != "qcow2" {
+        return Ok(None);
+    }
+    let Some(file) = node.child(Role::File) else {
+        return Ok(None);
+    };
+    let opts = Qcow2Options {
+        file: serde_json::Value::String(file.name().to_string()),
+        ..Default::default()
+    };
+    let d = Qcow2Driver::open(&file, &opts, !writable)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(Some((d, file)))
+}
+
+/// QEMU keeps at most 255 bytes of a new snapshot's name.
+fn truncate_name(name: &str) -> &str {
+    let mut end = name.len().min(255);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    &name[..end]
+}
+
+async fn change(node: &Node, action: &Action, probed: Option<&str>) -> Result<(), String> {
+    let q = qcow2_on(node, true).await?;
+    let res = match (action, &q) {
+        (Action::Create(name), _) => {
+            let r = match &q {
+                Some((d, file)) => snap::create(d, file, truncate_name(name), snap::now())
+                    .await
+                    .map(drop),
+                None => Err(SnapshotError::NotSupported),
+            };
+            r.map_err(|e| format!("Could not create snapshot '{name}': {e}"))
+        }
+        (Action::Apply(name), Some((d, file))) => {
+            snap::apply(d, file, name).await.map(drop).map_err(|e| {
+                format!("Could not apply snapshot '{name}': Failed to load snapshot: {e}")
+            })
+        }
+        (Action::Apply(name), None) => {
+            // QEMU reopens the format driver over its file to try the
+            // file's snapshots: a probed raw image warns again.
+            if let Some(name) = probed.filter(|_| node.driver_name() == "raw") {
+                eprintln!("WARNING: Image format was not specified for '{name}' and probing guessed raw.\n         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         Specify the 'raw' format explicitly to remove the restrictions.");
+            }
+            Err(format!(
+                "Could not apply snapshot '{name}': Block driver does not support snapshots"
+            ))
+        }
+        (Action::Delete(name), _) => {
+            let not_found = || format!("Could not delete snapshot '{name}': snapshot not found");
+            // As bdrv_snapshot_find: by name only (`-a` also takes an
+            // id, `-d` does not); images whose snapshots cannot be
+            // listed have none to find.
+            let Some((d, file)) = &q else {
+                return Err(not_found());
+            };
+            let snaps = d.snapshots();
+            match snap::find_by_id_and_name(snaps, None, Some(name)) {
+                _ if d.header().has_data_file() => Err(not_found()),
+                None => Err(not_found()),
+                Some(i) => {
+                    let (id, sname) = (snaps[i].id.clone(), snaps[i].name.clone());
+                    snap::delete(d, file, Some(&id), Some(&sname))
+                        .await
+                        .map(drop)
+                        .map_err(|e| format!("Could not delete snapshot '{name}': {e}"))
+                }
+            }
+        }
+    };
+    // Everything written back and the image marked clean, as at close.
+    if let Some((d, file)) = &q {
+        if let Err(e) = snap::close(d, file).await {
+            return res.and(Err(e.to_string()));
+        }
+    }
+    res
+}
+
+/// `convert -l`: which snapshot to read (qemu-img's snapshot param).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SnapshotParam {
+    /// `snapshot.id=ID` and/or `snapshot.name=NAME`.
+    IdAndName(Option<String>, Option<String>),
+    /// A bare id or name.
+    IdOrName(String),
+}
+
+impl SnapshotParam {
+    /// Parses `-l`'s argument as qemu-img does: `snapshot.`-prefixed
+    /// key=value options, else an id or name.
+    pub fn parse(arg: &str) -> Result<SnapshotParam, String> {
+        if !arg.starts_with("snapshot.") {
+            return Ok(SnapshotParam::IdOrName(arg.to_string()));
+        }
+        let pairs = common::parse_o_list(&[arg.to_string()]).or_else(|_| {
+            // A key without a value is a boolean "on" (deprecated).
+            Ok::<_, String>(
+                arg.split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(|s| match s.split_once('=') {
+                        Some((k, v)) => (k.to_string(), v.to_string()),
+                        None => {
+                            common::error(&format!(
+                                "warning: short-form boolean option '{s}' deprecated"
+                            ));
+                            eprintln!("Please use {s}=on instead");
+                            (s.to_string(), "on".to_string())
+                        }
+                    })
+                    .collect(),
+            )
+        })?;
+        let (mut id, mut name) = (None, None);
+        for (k, v) in pairs {
+            match k.as_str() {
+                "snapshot.id" => id = Some(v),
+                "snapshot.name" => name = Some(v),
+                _ => {
+                    return Err(format!(
+                    "Invalid parameter '{k}'\nqemu-img: Failed in parsing snapshot param '{arg}'"
+                ))
+                }
+            }
+        }
+        Ok(SnapshotParam::IdAndName(id, name))
+    }
+}
+
+/// Makes `img` read the snapshot `param` names instead of its active
+/// layer (QEMU's `bdrv_snapshot_load_tmp`): a read-only qcow2 node of its
+/// own, on the same children, takes the image's place.
+pub async fn load_tmp(img: &mut common::Image, param: &SnapshotParam) -> Result<(), String> {
+    let failed = |e: String| format!("Failed to load snapshot: {e}");
+    let old = img.node();
+    let Some((d, file)) = qcow2_on(&old, false).await.map_err(failed)? else {
+        return Err(failed(format!(
+            "Block format '{}' used by device '' does not support temporarily loading internal snapshots",
+            old.driver_name()
+        )));
+    };
+    let loaded = match param {
+        SnapshotParam::IdAndName(id, name) => {
+            d.load_snapshot(&file, id.as_deref(), name.as_deref()).await
+        }
+        SnapshotParam::IdOrName(s) => match d.load_snapshot(&file, Some(s), None).await {
+            Err(SnapshotError::Refused(_) | SnapshotError::NotFound) => {
+                d.load_snapshot(&file, None, Some(s)).await
+            }
+            other => other,
+        },
+    };
+    loaded.map_err(|e| failed(e.to_string()))?;
+    let size = old.size();
+    let children: Vec<(Role, Arc<Node>)> = [Role::File, Role::Data, Role::Backing]
+        .into_iter()
+        .filter_map(|r| old.child(r).map(|c| (r, c)))
+        .collect();
+    let w = img.graph.writer().await;
+    let new = w
+        .add_node(sluice_core::NodeSpec {
+            name: None,
+            driver: Box::new(d),
+            size,
+            read_only: true,
+            children,
+            implicit: false,
+        })
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    let perm = img.root.perm();
+    let root = match w.add_root("block device", "qemu-img", &new, perm).await {
+        Ok(r) => r,
+        Err(e) => {
+            let drained = w.drain(&new).await;
+            let _ = w.delete_node(&drained, &new).await;
+            return Err(failed(e.to_string()));
+        }
+    };
+    img.root = Arc::new(root);
+    let drained = w.drain(&img.top).await;
+    let _ = w.delete_node(&drained, &img.top).await;
+    drop(drained);
+    img.top = new;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_params_parse_as_qemu_img() {
+        assert_eq!(
+            SnapshotParam::parse("s1").unwrap(),
+            SnapshotParam::IdOrName("s1".into())
+        );
+        assert_eq!(
+            SnapshotParam::parse("snapshot.id=1,snapshot.name=a").unwrap(),
+            SnapshotParam::IdAndName(Some("1".into()), Some("a".into()))
+        );
+        assert_eq!(
+            SnapshotParam::parse("snapshot.id").unwrap(),
+            SnapshotParam::IdAndName(Some("on".into()), None)
+        );
+        let e = SnapshotParam::parse("snapshot.name=s1,foo=1").unwrap_err();
+        assert!(e.starts_with("Invalid parameter 'foo'"), "{e}");
+        assert_eq!(truncate_name(&"é".repeat(200)).len(), 254);
     }
 }
