@@ -1197,3 +1197,335 @@ fn images_larger_than_a_request() {
     }
     assert_clean(&s.0, "s-big.qcow2");
 }
+
+/// `--target-image-opts`: the target named by its options (`-n` only),
+/// written as qemu-img writes it.
+#[test]
+fn convert_into_target_image_opts_like_qemu_img() {
+    if !have_qemu() {
+        return;
+    }
+    let s = Scratch::new("convert-tio");
+    fixtures(&s.0);
+    let q = |a: &[&str]| ok(&qemu(a, &s.0), &format!("qemu-img {a:?}"));
+    // A qcow2 target: the same content and layout as qemu-img's.
+    for t in ["q-t.qcow2", "s-t.qcow2"] {
+        q(&["create", "-q", "-f", "qcow2", t, "8M"]);
+    }
+    for (tool, t) in [("q", "q-t.qcow2"), ("s", "s-t.qcow2")] {
+        let opts = format!("driver=qcow2,file.driver=file,file.filename={t}");
+        let a = ["convert", "-n", "--target-image-opts", "top.qcow2", &opts];
+        let o = if tool == "q" {
+            qemu(&a, &s.0)
+        } else {
+            sluice(&a, &s.0)
+        };
+        ok(&o, &format!("{tool}: {a:?}"));
+        assert_eq!(text(&o.stdout), "", "{tool}: stdout");
+        assert_eq!(text(&o.stderr), "", "{tool}: stderr");
+    }
+    assert_clean(&s.0, "s-t.qcow2");
+    assert_identical(&s.0, "s-t.qcow2", "top.qcow2");
+    assert_identical(&s.0, "s-t.qcow2", "q-t.qcow2");
+    assert_eq!(info_json(&s.0, "s-t.qcow2"), info_json(&s.0, "q-t.qcow2"));
+    assert_eq!(map_json(&s.0, "s-t.qcow2"), map_json(&s.0, "q-t.qcow2"));
+    // A raw target full of 0xff, `file.driver` implied: the source's zero
+    // ranges are written.
+    for t in ["q-t.raw", "s-t.raw"] {
+        std::fs::write(s.0.join(t), vec![0xffu8; 8 * MIB as usize]).unwrap();
+    }
+    for (tool, t) in [("q", "q-t.raw"), ("s", "s-t.raw")] {
+        let opts = format!("driver=raw,file.filename={t}");
+        let a = ["convert", "-n", "--target-image-opts", "top.qcow2", &opts];
+        let o = if tool == "q" {
+            qemu(&a, &s.0)
+        } else {
+            sluice(&a, &s.0)
+        };
+        ok(&o, &format!("{tool}: {a:?}"));
+    }
+    assert_eq!(
+        std::fs::read(s.0.join("s-t.raw")).unwrap(),
+        std::fs::read(s.0.join("q-t.raw")).unwrap(),
+        "raw targets differ"
+    );
+    assert_identical(&s.0, "s-t.raw", "top.qcow2");
+    // --target-is-zero on a zeroed target opened by its options.
+    std::fs::write(s.0.join("z.raw"), vec![0u8; 8 * MIB as usize]).unwrap();
+    ok(
+        &sluice(
+            &[
+                "convert",
+                "-n",
+                "--target-image-opts",
+                "--target-is-zero",
+                "-W",
+                "top.qcow2",
+                "driver=raw,file.filename=z.raw",
+            ],
+            &s.0,
+        ),
+        "--target-is-zero",
+    );
+    assert_identical(&s.0, "z.raw", "top.qcow2");
+    // No driver: the format is probed, and a probed raw target gets
+    // qemu-img's warning.
+    for t in ["q-p.qcow2", "s-p.qcow2"] {
+        q(&["create", "-q", "-f", "qcow2", t, "8M"]);
+    }
+    for t in ["q-p.raw", "s-p.raw"] {
+        std::fs::write(s.0.join(t), vec![0xffu8; 8 * MIB as usize]).unwrap();
+    }
+    for ext in ["qcow2", "raw"] {
+        let mut outcome = Vec::new();
+        for tool in ["q", "s"] {
+            let t = format!("{tool}-p.{ext}");
+            let opts = format!("file.filename={t}");
+            let a = ["convert", "-n", "--target-image-opts", "top.qcow2", &opts];
+            let o = if tool == "q" {
+                qemu(&a, &s.0)
+            } else {
+                sluice(&a, &s.0)
+            };
+            outcome.push((
+                text(&o.stdout),
+                text(&o.stderr).replace(&t, "T"),
+                o.status.code(),
+            ));
+        }
+        assert_eq!(outcome[1], outcome[0], "probed {ext} target");
+        assert_eq!(outcome[0].2, Some(0));
+        assert_identical(&s.0, &format!("s-p.{ext}"), "top.qcow2");
+    }
+    assert!(
+        text(&qemu(&["info", "s-p.raw"], &s.0).stdout).contains("file format: raw"),
+        "the raw target stays raw"
+    );
+}
+
+/// What qemu-img refuses around the target: the same message and exit
+/// code, the target left alone.
+#[test]
+fn convert_target_refusals_match_qemu_img() {
+    if !have_qemu() {
+        return;
+    }
+    let s = Scratch::new("convert-tio-fail");
+    fixtures(&s.0);
+    ok(
+        &qemu(&["create", "-q", "-f", "qcow2", "t.qcow2", "8M"], &s.0),
+        "create",
+    );
+    std::fs::write(s.0.join("small.raw"), vec![0u8; 4096]).unwrap();
+    let before = std::fs::read(s.0.join("t.qcow2")).unwrap();
+    let t = "driver=qcow2,file.filename=t.qcow2";
+    for args in [
+        // Only with -n; checked before the file count.
+        &["convert", "--target-image-opts", "top.qcow2", t][..],
+        &["convert", "--target-image-opts", "top.qcow2"],
+        &[
+            "convert",
+            "--target-image-opts",
+            "-O",
+            "qcow2",
+            "top.qcow2",
+            t,
+        ],
+        &[
+            "convert",
+            "--target-image-opts",
+            "--target-is-zero",
+            "top.qcow2",
+            t,
+        ],
+        &["convert", "-n", "--target-image-opts", "top.qcow2"],
+        // -O names a format for what is already options.
+        &[
+            "convert",
+            "-n",
+            "--target-image-opts",
+            "-O",
+            "qcow2",
+            "top.qcow2",
+            t,
+        ],
+        &[
+            "convert",
+            "-n",
+            "--target-image-opts",
+            "-O",
+            "raw",
+            "top.qcow2",
+            t,
+        ],
+        // A missing source is reported first.
+        &[
+            "convert",
+            "-n",
+            "--target-image-opts",
+            "-O",
+            "qcow2",
+            "missing.qcow2",
+            t,
+        ],
+        &[
+            "convert",
+            "-n",
+            "--target-image-opts",
+            "-o",
+            "cluster_size=4k",
+            "top.qcow2",
+            t,
+        ],
+        &[
+            "convert",
+            "-n",
+            "--target-image-opts",
+            "-c",
+            "top.qcow2",
+            "driver=raw,file.filename=small.raw",
+        ],
+        &[
+            "convert",
+            "-n",
+            "--target-image-opts",
+            "top.qcow2",
+            "driver=raw,file.filename=small.raw",
+        ],
+        &[
+            "convert",
+            "-n",
+            "--target-image-opts",
+            "top.qcow2",
+            "driver=qcow2,file.filename=missing.qcow2",
+        ],
+        // The source side's own exclusion, and -n with a format the
+        // target is opened with.
+        &[
+            "convert",
+            "--image-opts",
+            "-f",
+            "qcow2",
+            "driver=qcow2,file.filename=top.qcow2",
+            "out.img",
+        ],
+        &["convert", "-n", "-O", "foo", "top.qcow2", "t.qcow2"],
+        &["convert", "-n", "-O", "raw", "-c", "top.qcow2", "small.raw"],
+        // qemu-img reports this one and exits with 0, copying nothing.
+        &[
+            "convert",
+            "-n",
+            "--target-is-zero",
+            "-B",
+            "base.qcow2",
+            "-O",
+            "qcow2",
+            "top.qcow2",
+            "t.qcow2",
+        ],
+        &[
+            "convert",
+            "-n",
+            "--target-image-opts",
+            "--target-is-zero",
+            "-B",
+            "base.qcow2",
+            "top.qcow2",
+            t,
+        ],
+    ] {
+        same(&s.0, args);
+        assert!(!s.0.join("out.img").exists(), "{args:?} left a target");
+        assert_eq!(
+            std::fs::read(s.0.join("t.qcow2")).unwrap(),
+            before,
+            "{args:?} wrote the target"
+        );
+    }
+    let o = same(
+        &s.0,
+        &[
+            "convert",
+            "-n",
+            "--target-is-zero",
+            "-B",
+            "base.qcow2",
+            "-O",
+            "qcow2",
+            "top.qcow2",
+            "t.qcow2",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0));
+}
+
+/// `-r RATE`: qemu-img's size syntax and messages; a limited copy gives
+/// the same result. (How fast it runs is the limiter's unit tests' part,
+/// on a virtual clock: these tests never time anything.)
+#[test]
+fn rate_limits_parse_like_qemu_img() {
+    if !have_qemu() {
+        return;
+    }
+    let s = Scratch::new("rate");
+    fixtures(&s.0);
+    for r in [
+        "-1",
+        "-0",
+        "-1k",
+        "abc",
+        "",
+        "1Z",
+        "10x",
+        "1e3",
+        "8E",
+        "16E",
+        "99999999999999999999",
+        "99999999999999999999k",
+        "0x",
+    ] {
+        same(
+            &s.0,
+            &["convert", "-r", r, "-O", "raw", "top.qcow2", "out.img"],
+        );
+        assert!(!s.0.join("out.img").exists(), "-r {r:?} left a target");
+        same(&s.0, &["commit", "-r", r, "top.qcow2"]);
+    }
+    same(&s.0, &["commit", "-r", "abc"]);
+    // Valid rates (0: no limit), fast enough for a test.
+    for r in ["0", "64M", "0x8000000", "1g"] {
+        let (q, o) = convert_both(
+            &s.0,
+            &["convert", "-r", r, "-O", "qcow2", "top.qcow2"],
+            "r.qcow2",
+        );
+        assert_clean(&s.0, &o);
+        assert_identical(&s.0, &o, "top.qcow2");
+        assert_eq!(map_json(&s.0, &o), map_json(&s.0, &q), "-r {r}");
+        for f in [q, o] {
+            std::fs::remove_file(s.0.join(f)).unwrap();
+        }
+    }
+    // commit -r: the same images as qemu-img's.
+    let mut outcome = Vec::new();
+    for tool in ["q", "s"] {
+        let d = s.0.join(format!("{tool}-chain"));
+        std::fs::create_dir_all(&d).unwrap();
+        for f in ["base.qcow2", "mid.qcow2", "top.qcow2"] {
+            std::fs::copy(s.0.join(f), d.join(f)).unwrap();
+        }
+        let a = ["commit", "-r", "64M", "top.qcow2"];
+        let o = if tool == "q" {
+            qemu(&a, &d)
+        } else {
+            sluice(&a, &d)
+        };
+        let mut images = Vec::new();
+        for f in ["base.qcow2", "mid.qcow2", "top.qcow2"] {
+            assert_clean(&d, f);
+            images.push((info_json(&d, f), guest_map(&d, f)));
+        }
+        outcome.push((text(&o.stdout), text(&o.stderr), o.status.code(), images));
+    }
+    assert_eq!(outcome[1], outcome[0], "commit -r 64M");
+}

@@ -7,7 +7,10 @@
 
 mod common;
 
-use common::{have, ok, run, sluice, temp_dir, TempDir};
+use common::{
+    assert_clean, have, img_create, ok, ok_line, qemu_info, qemu_io, run, same_outcome, sluice,
+    temp_dir, text, TempDir,
+};
 use std::process::Output;
 
 fn qemu(args: &[&str]) -> Output {
@@ -20,27 +23,11 @@ fn ours(args: &[&str]) -> Output {
     run(sluice().to_str().unwrap(), &a)
 }
 
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-/// Both tools ended alike: exit code, stdout and stderr.
-fn same_outcome(q: &Output, s: &Output, what: &str) {
-    assert_eq!(
-        (q.status.code(), text(&q.stdout), text(&q.stderr)),
-        (s.status.code(), text(&s.stdout), text(&s.stderr)),
-        "{what}: qemu-img (left) and sluice (right) differ"
-    );
-}
-
-fn assert_clean(img: &str) {
-    let o = qemu(&["check", img]);
-    assert!(
-        o.status.success() && text(&o.stdout).contains("No errors were found"),
-        "qemu-img check {img}: {}{}",
-        text(&o.stdout),
-        text(&o.stderr)
-    );
+/// `sluice img ARGS`, which must succeed.
+fn ours_ok(args: &[&str]) {
+    let mut a = vec!["img"];
+    a.extend_from_slice(args);
+    ok(sluice().to_str().unwrap(), &a);
 }
 
 fn assert_equal_images(a: &str, b: &str, what: &str) {
@@ -71,35 +58,36 @@ fn rows(img: &str) -> Vec<String> {
 /// cluster, and two copies of it for the two tools.
 fn images(dir: &TempDir, opts: &str) -> (String, String) {
     let base = dir.file("base.qcow2");
-    ok(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-o", opts, &base, "8M"],
-    );
-    ok(
-        "qemu-io",
+    ok_line(&img_create("qcow2", opts, &base, "8M"));
+    ok_line(&qemu_io(
+        &base,
         &[
-            "-f",
-            "qcow2",
-            "-c",
             "write -P 1 0 1M",
-            "-c",
             "write -c -P 2 2M 64k",
-            "-c",
             "write -P 3 4M 192k",
-            "-c",
             "write -z 4M 64k",
-            &base,
         ],
-    );
+    ));
     let (q, s) = (dir.file("q.qcow2"), dir.file("s.qcow2"));
     std::fs::copy(&base, &q).unwrap();
     std::fs::copy(&base, &s).unwrap();
     (q, s)
 }
 
+/// A fresh directory `tag` with [`images`] made with `opts`; `None`
+/// without qemu-img and qemu-io.
+fn setup(tag: &str, opts: &str) -> Option<(TempDir, String, String)> {
+    if !have("qemu-img") || !have("qemu-io") {
+        return None;
+    }
+    let dir = temp_dir(tag);
+    let (q, s) = images(&dir, opts);
+    Some((dir, q, s))
+}
+
 fn write_both(q: &str, s: &str, cmd: &str) {
     for img in [q, s] {
-        ok("qemu-io", &["-f", "qcow2", "-c", cmd, img]);
+        ok_line(&qemu_io(img, &[cmd]));
     }
 }
 
@@ -141,11 +129,10 @@ fn step(q: &str, s: &str, args: &[&str]) {
 }
 
 fn sequence(opts: &str) {
-    if !have("qemu-img") || !have("qemu-io") {
+    let tag = format!("imgsnap-{}", opts.replace([',', '='], "-"));
+    let Some((dir, q, s)) = setup(&tag, opts) else {
         return;
-    }
-    let dir = temp_dir(&format!("imgsnap-{}", opts.replace([',', '='], "-")));
-    let (q, s) = images(&dir, opts);
+    };
     let original = dir.file("original.raw");
     ok("qemu-img", &["convert", "-O", "raw", &q, &original]);
     step(&q, &s, &["-c", "s1"]);
@@ -192,18 +179,13 @@ fn sequences_match_qemu_img_small_clusters() {
 
 #[test]
 fn each_tool_reverts_the_others_snapshots() {
-    if !have("qemu-img") || !have("qemu-io") {
+    let Some((dir, q, s)) = setup("imgsnap-cross", "cluster_size=65536") else {
         return;
-    }
-    let dir = temp_dir("imgsnap-cross");
-    let (q, s) = images(&dir, "cluster_size=65536");
+    };
     let original = dir.file("original.raw");
     ok("qemu-img", &["convert", "-O", "raw", &q, &original]);
     // sluice snapshots, qemu-img reverts and deletes.
-    ok(
-        sluice().to_str().unwrap(),
-        &["img", "snapshot", "-c", "mine", &s],
-    );
+    ours_ok(&["snapshot", "-c", "mine", &s]);
     write_both(&q, &s, "write -P 7 0 2M");
     assert_clean(&s);
     ok("qemu-img", &["snapshot", "-a", "mine", &s]);
@@ -215,36 +197,23 @@ fn each_tool_reverts_the_others_snapshots() {
     ok("qemu-img", &["convert", "-O", "raw", &q, &original]);
     ok("qemu-img", &["snapshot", "-c", "theirs", &q]);
     write_both(&q, &s, "write -P 8 1M 3M");
-    ok(
-        sluice().to_str().unwrap(),
-        &["img", "snapshot", "-a", "theirs", &q],
-    );
+    ours_ok(&["snapshot", "-a", "theirs", &q]);
     assert_clean(&q);
     assert_equal_images(&q, &original, "sluice applied qemu-img's snapshot");
-    ok(
-        sluice().to_str().unwrap(),
-        &["img", "snapshot", "-d", "theirs", &q],
-    );
+    ours_ok(&["snapshot", "-d", "theirs", &q]);
     assert_clean(&q);
     assert!(rows(&q).is_empty() && rows(&s).is_empty());
     // The snapshot table sluice writes is read back by qemu-img alike.
-    ok(
-        sluice().to_str().unwrap(),
-        &["img", "snapshot", "-c", "x", &s],
-    );
+    ours_ok(&["snapshot", "-c", "x", &s]);
     ok("qemu-img", &["snapshot", "-c", "y", &s]);
-    ok(
-        sluice().to_str().unwrap(),
-        &["img", "snapshot", "-c", "z", &s],
-    );
+    ours_ok(&["snapshot", "-c", "z", &s]);
     let listed = rows(&s);
     let ids: Vec<&str> = listed
         .iter()
         .map(|r| r.split(' ').next().unwrap())
         .collect();
     assert_eq!(ids, ["1", "2", "3"]);
-    let info: serde_json::Value =
-        serde_json::from_str(&ok("qemu-img", &["info", "--output=json", &s])).unwrap();
+    let info = qemu_info(&s, &[]);
     for sn in info["snapshots"].as_array().unwrap() {
         assert_eq!(sn["vm-state-size"], 0);
         assert_eq!(sn["vm-clock-nsec"], 0);
@@ -263,22 +232,15 @@ fn failures_match_qemu_img() {
     ok("qemu-img", &["snapshot", "-c", "s1", &q]);
     std::fs::copy(&q, &s).unwrap();
     let raw = dir.file("r.raw");
-    ok("qemu-img", &["create", "-q", "-f", "raw", &raw, "1M"]);
+    ok_line(&img_create("raw", "", &raw, "1M"));
     let df = dir.file("df.qcow2");
     let data = dir.file("df.data");
-    ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            &format!("data_file={data}"),
-            &df,
-            "1M",
-        ],
-    );
+    ok_line(&img_create(
+        "qcow2",
+        &format!("data_file={data}"),
+        &df,
+        "1M",
+    ));
     let missing = dir.file("missing.qcow2");
     let cases: Vec<Vec<&str>> = vec![
         vec!["-a", "nope", &s],
@@ -319,54 +281,41 @@ fn failures_match_qemu_img() {
 
 #[test]
 fn convert_from_a_snapshot_matches_qemu_img() {
-    if !have("qemu-img") || !have("qemu-io") {
+    let Some((dir, img, _)) = setup("imgsnap-convert", "cluster_size=65536") else {
         return;
-    }
-    let dir = temp_dir("imgsnap-convert");
-    let (img, _) = images(&dir, "cluster_size=65536");
+    };
     // s1 at 8 MiB, then the disk grows, then s2 by sluice.
     ok("qemu-img", &["snapshot", "-c", "s1", &img]);
     ok("qemu-img", &["resize", "-q", &img, "12M"]);
-    ok(
-        "qemu-io",
-        &[
-            "-f",
-            "qcow2",
-            "-c",
-            "write -P 5 0 64k",
-            "-c",
-            "write -P 6 10M 64k",
-            &img,
-        ],
-    );
-    ok(
-        sluice().to_str().unwrap(),
-        &["img", "snapshot", "-c", "s2", &img],
-    );
-    ok(
-        "qemu-io",
-        &["-f", "qcow2", "-c", "write -P 7 64k 64k", &img],
-    );
+    ok_line(&qemu_io(&img, &["write -P 5 0 64k", "write -P 6 10M 64k"]));
+    ours_ok(&["snapshot", "-c", "s2", &img]);
+    ok_line(&qemu_io(&img, &["write -P 7 64k 64k"]));
     let raw = dir.file("r.raw");
-    ok("qemu-img", &["create", "-q", "-f", "raw", &raw, "1M"]);
+    ok_line(&img_create("raw", "", &raw, "1M"));
     let (oq, os) = (dir.file("oq.img"), dir.file("os.img"));
-    let cases: Vec<(&str, Vec<&str>)> = vec![
-        ("s1", vec![&img]),
-        ("1", vec![&img]),
-        ("s2", vec![&img]),
-        ("snapshot.id=2", vec![&img]),
-        ("snapshot.name=s1", vec![&img]),
-        ("snapshot.id=1,snapshot.name=s1", vec![&img]),
-        ("snapshot.id=1,snapshot.name=s2", vec![&img]),
-        ("nope", vec![&img]),
-        ("snapshot.name=nope", vec![&img]),
-        ("snapshot.foo=1", vec![&img]),
-        ("snapshot.name=s1,foo=1", vec![&img]),
-        ("snapshot.id", vec![&img]),
-        ("s1", vec![&img, &img]),
+    // (`-l` parameter, sources): the image alone, then other sources.
+    let mut cases: Vec<(&str, Vec<&str>)> = [
+        "s1",
+        "1",
+        "s2",
+        "snapshot.id=2",
+        "snapshot.name=s1",
+        "snapshot.id=1,snapshot.name=s1",
+        "snapshot.id=1,snapshot.name=s2",
+        "nope",
+        "snapshot.name=nope",
+        "snapshot.foo=1",
+        "snapshot.name=s1,foo=1",
+        "snapshot.id",
+    ]
+    .into_iter()
+    .map(|param| (param, vec![img.as_str()]))
+    .collect();
+    cases.extend([
+        ("s1", vec![img.as_str(), &img]),
         ("snapshot.id=1", vec![&img, &raw]),
         ("s1", vec![&raw]),
-    ];
+    ]);
     let mut converted = 0;
     for (param, srcs) in cases {
         for fmt in ["raw", "qcow2"] {
@@ -396,24 +345,14 @@ fn convert_from_a_snapshot_matches_qemu_img() {
                     "convert -l {param} {srcs:?} -O {fmt}: outputs differ: {}",
                     text(&o.stdout)
                 );
-                let size = |p: &str| {
-                    let v: serde_json::Value = serde_json::from_str(&ok(
-                        "qemu-img",
-                        &["info", "-f", fmt, "--output=json", p],
-                    ))
-                    .unwrap();
-                    v["virtual-size"].as_u64().unwrap()
-                };
+                let size = |p: &str| qemu_info(p, &["-f", fmt])["virtual-size"].as_u64().unwrap();
                 assert_eq!(size(&oq), size(&os), "convert -l {param}: sizes");
             }
         }
     }
     assert_eq!(converted, 14, "the cases that convert");
     // The snapshot is what it held, not the active layer.
-    ok(
-        sluice().to_str().unwrap(),
-        &["img", "convert", "-l", "s1", "-O", "raw", &img, &os],
-    );
+    ours_ok(&["convert", "-l", "s1", "-O", "raw", &img, &os]);
     ok("qemu-img", &["convert", "-O", "raw", &img, &oq]);
     let (a, b) = (std::fs::read(&os).unwrap(), std::fs::read(&oq).unwrap());
     assert_eq!(a.len(), b.len(), "the virtual size stays the image's");

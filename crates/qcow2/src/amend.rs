@@ -24,8 +24,10 @@
 //! (its `file`, `backing` and `data-file` children) through a driver
 //! instance of its own; the node's own driver must not be used meanwhile.
 
-use crate::driver::{read_meta, Mapping, Qcow2Driver};
-use crate::format::{autoclear, compat, ext, incompat, CompressionType, Extension, Header};
+use crate::driver::{read_meta, read_words, Mapping, Qcow2Driver};
+use crate::format::{
+    autoclear, compat, ext, incompat, CompressionType, Extension, Header, OFFSET_MASK,
+};
 use crate::options::Qcow2Options;
 use sluice_core::{Error, IoBytes, Node, Result, Role, WriteFlags};
 use std::collections::BTreeMap;
@@ -434,7 +436,7 @@ async fn downgrade_refusal(
     // QEMU expands zero clusters of snapshot tables too; sluice only
     // those of the active layer.
     for s in d.snapshots() {
-        let l1 = read_meta(
+        let l1 = read_words(
             file,
             s.l1_table_offset,
             u64::from(s.l1_size) * 8,
@@ -442,9 +444,8 @@ async fn downgrade_refusal(
             d.name(),
         )
         .await?;
-        for e in l1.chunks_exact(8) {
-            let l2 =
-                u64::from_be_bytes(e.try_into().expect("8 bytes")) & crate::format::OFFSET_MASK;
+        for e in l1 {
+            let l2 = e & OFFSET_MASK;
             if l2 == 0 {
                 continue;
             }
@@ -539,6 +540,21 @@ async fn downgrade(
     update_header(d, file, h, keep_bitmaps, raw0).await
 }
 
+/// The refcount table's entries: the offsets of the refcount blocks (0
+/// where there is none).
+async fn refcount_table(d: &Qcow2Driver, file: &Node) -> Result<Vec<u64>> {
+    let h = d.header();
+    let table = read_words(
+        file,
+        h.refcount_table_offset,
+        u64::from(h.refcount_table_clusters) * h.cluster_size(),
+        "reference count table",
+        d.name(),
+    )
+    .await?;
+    Ok(table.into_iter().map(|e| e & OFFSET_MASK).collect())
+}
+
 /// Every cluster's refcount as the image's refcount structure stores it
 /// (clusters with refcount 0 left out).
 async fn read_refcounts(d: &Qcow2Driver, file: &Node) -> Result<BTreeMap<u64, u64>> {
@@ -546,17 +562,8 @@ async fn read_refcounts(d: &Qcow2Driver, file: &Node) -> Result<BTreeMap<u64, u6
     let cs = h.cluster_size();
     let order = h.refcount_order;
     let per = cs * 8 / u64::from(h.refcount_bits());
-    let raw = read_meta(
-        file,
-        h.refcount_table_offset,
-        u64::from(h.refcount_table_clusters) * cs,
-        "reference count table",
-        d.name(),
-    )
-    .await?;
     let mut counts = BTreeMap::new();
-    for (i, e) in raw.chunks_exact(8).enumerate() {
-        let b = u64::from_be_bytes(e.try_into().expect("8 bytes")) & crate::format::OFFSET_MASK;
+    for (i, b) in refcount_table(d, file).await?.into_iter().enumerate() {
         if b == 0 {
             continue;
         }
@@ -598,19 +605,11 @@ async fn change_refcount_order(
             }
         }
     };
-    let rt = read_meta(
-        file,
-        h.refcount_table_offset,
-        u64::from(h.refcount_table_clusters) * cs,
-        "reference count table",
-        d.name(),
-    )
-    .await?;
+    let rt = refcount_table(d, file).await?;
     for c in 0..u64::from(h.refcount_table_clusters) {
         release((h.refcount_table_offset >> cb) + c);
     }
-    for e in rt.chunks_exact(8) {
-        let b = u64::from_be_bytes(e.try_into().expect("8 bytes")) & crate::format::OFFSET_MASK;
+    for b in rt {
         if b != 0 {
             release(b >> cb);
         }

@@ -24,7 +24,7 @@ use crate::format::{
 };
 use crate::write::{grow, rc_get, rc_put};
 use sluice_core::{IoBuf, IoBytes, Node, Result, WriteFlags};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 /// What `qemu-img check -r` may repair.
@@ -248,16 +248,41 @@ struct Res {
 }
 
 /// The refcounts computed from the references ("in-memory refcount
-/// table"): referenced clusters, and how many clusters it spans.
+/// table"): one counter per cluster of the file (dense, as QEMU's: the
+/// clusters lie within the file, whose size bounds it), and how many
+/// clusters it spans.
 #[derive(Default)]
 struct Imrt {
-    map: BTreeMap<u64, u64>,
+    counts: Vec<u32>,
     nb: u64,
 }
 
 impl Imrt {
     fn get(&self, k: u64) -> u64 {
-        self.map.get(&k).copied().unwrap_or(0)
+        usize::try_from(k)
+            .ok()
+            .and_then(|i| self.counts.get(i))
+            .map_or(0, |&v| u64::from(v))
+    }
+
+    /// The counter of cluster `k`, grown into existence.
+    fn slot(&mut self, k: u64) -> &mut u32 {
+        let i = k as usize;
+        if i >= self.counts.len() {
+            self.counts.resize(i + 1, 0);
+        }
+        &mut self.counts[i]
+    }
+
+    /// Clusters in `range` with a non-zero count, and their counts.
+    fn used(&self, range: std::ops::Range<u64>) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let end = (range.end.min(self.counts.len() as u64)) as usize;
+        let start = (range.start as usize).min(end);
+        self.counts[start..end]
+            .iter()
+            .enumerate()
+            .filter(|(_, &v)| v != 0)
+            .map(move |(i, &v)| ((start + i) as u64, u64::from(v)))
     }
 
     /// QEMU's `alloc_clusters_imrt`: the first run of `count` free
@@ -267,13 +292,7 @@ impl Imrt {
         let mut pos = *ffc;
         let mut first_gap = true;
         let mut found = None;
-        for (&k, &v) in self.map.range(pos..) {
-            if k >= self.nb {
-                break;
-            }
-            if v == 0 {
-                continue;
-            }
+        for (k, _) in self.used(pos..self.nb) {
             if k > pos {
                 if first_gap {
                     *ffc = pos;
@@ -299,7 +318,7 @@ impl Imrt {
             }
         };
         for c in start..start + count {
-            self.map.insert(c, 1);
+            *self.slot(c) = 1;
         }
         start << cb
     }
@@ -327,7 +346,7 @@ struct Ck<'a> {
     data_file: bool,
     reftable: Vec<u64>,
     /// Refcount blocks read so far, by offset (kept as on disk).
-    blocks: HashMap<u64, Vec<u8>>,
+    blocks: BTreeMap<u64, Vec<u8>>,
     l1: Vec<u64>,
     snapshots: Vec<Snapshot>,
     snapshots_size: u64,
@@ -341,7 +360,7 @@ async fn read_vec(file: &Node, offset: u64, len: u64) -> Result<Vec<u8>> {
 }
 
 fn be_words(raw: &[u8]) -> Vec<u64> {
-    crate::driver::decode_table(raw).to_vec()
+    crate::driver::decode_words(raw)
 }
 
 async fn write_at(file: &Node, offset: u64, bytes: &[u8]) -> Result<()> {
@@ -392,7 +411,7 @@ async fn check_pass(
         ext: h.has_extended_l2(),
         data_file: h.has_data_file(),
         reftable,
-        blocks: HashMap::new(),
+        blocks: BTreeMap::new(),
         l1,
         snapshots,
         snapshots_size,
@@ -476,8 +495,8 @@ impl Ck<'_> {
             if k >= imrt.nb {
                 imrt.nb = k + 1;
             }
-            let v = imrt.map.entry(k).or_insert(0);
-            if *v == max {
+            let v = imrt.slot(k);
+            if u64::from(*v) == max || *v == u32::MAX {
                 res.corruptions += 1;
                 self.say(format!("ERROR: overflow cluster offset=0x{c:x}\nUse qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing"));
             } else {
@@ -847,12 +866,12 @@ impl Ck<'_> {
         imrt: &Imrt,
     ) -> Result<u64> {
         let nb = imrt.nb;
-        let mut todo: BTreeSet<u64> = imrt
-            .map
-            .range(..nb)
-            .filter(|(_, &v)| v > 0)
-            .map(|(&k, _)| k)
-            .collect();
+        // Clusters either side counts, in order (dense: `nb` is bounded by
+        // the file, like `imrt`).
+        let mut todo = vec![false; nb as usize];
+        for (k, _) in imrt.used(0..nb) {
+            todo[k as usize] = true;
+        }
         let per = 1u64 << self.rb_bits;
         for bi in 0..self.reftable.len() {
             let first = bi as u64 * per;
@@ -865,18 +884,23 @@ impl Ck<'_> {
             }
             let end = (first + per).min(nb);
             if !boff.is_multiple_of(self.cs) {
-                todo.extend(first..end);
+                todo[first as usize..end as usize].fill(true);
                 continue;
             }
             let order = self.order;
             let block = self.block(boff).await?;
             for k in first..end {
                 if rc_get(block, k - first, order) != 0 {
-                    todo.insert(k);
+                    todo[k as usize] = true;
                 }
             }
         }
         let mut highest = 0;
+        let todo = todo
+            .iter()
+            .enumerate()
+            .filter(|(_, &t)| t)
+            .map(|(k, _)| k as u64);
         for k in todo {
             let Some(r1) = self.stored(k).await? else {
                 res.check_errors += 1;
@@ -932,7 +956,7 @@ impl Ck<'_> {
     async fn check_refcounts(&mut self, fix: Fix) -> Result<(Res, u64)> {
         let mut res = Res::default();
         let mut imrt = Imrt {
-            map: BTreeMap::new(),
+            counts: Vec::new(),
             nb: self.file.size().div_ceil(self.cs),
         };
         let mut rebuild = false;
@@ -949,7 +973,7 @@ impl Ck<'_> {
             res.corruptions = 0;
             res.leaks = 0;
             rebuild = false;
-            imrt.map.clear();
+            imrt.counts.clear();
             self.calculate(&mut res, &mut imrt, Fix::NONE, &mut rebuild)
                 .await?;
             let mut fresh = 0;
@@ -1018,7 +1042,7 @@ impl Ck<'_> {
                 break (off, clusters);
             }
             for c in s..s + clusters {
-                imrt.map.remove(&c);
+                *imrt.slot(c) = 0;
             }
         };
         if clusters * self.cs > crate::format::MAX_REFTABLE_BYTES {
@@ -1057,11 +1081,7 @@ impl Ck<'_> {
         let mut grown = false;
         let mut cluster = first;
         while cluster < end {
-            let next = imrt
-                .map
-                .range(cluster..end)
-                .find(|(_, &v)| v > 0)
-                .map(|(&k, _)| k);
+            let next = imrt.used(cluster..end).next().map(|(k, _)| k);
             let Some(c) = next else { break };
             let bi = (c >> self.rb_bits) as usize;
             let start = bi as u64 * per;
@@ -1080,7 +1100,7 @@ impl Ck<'_> {
                 off
             };
             let mut block = vec![0u8; self.cs as usize];
-            for (&k, &v) in imrt.map.range(start..start + per) {
+            for (k, v) in imrt.used(start..start + per) {
                 rc_put(&mut block, k - start, self.order, v);
             }
             write_at(self.file, boff, &block).await?;

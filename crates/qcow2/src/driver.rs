@@ -171,12 +171,30 @@ async fn open_writer(
     crate::write::Writer::open(file, header, name, refcount_cache, lazy).await
 }
 
-pub(crate) fn decode_table(bytes: &[u8]) -> Table {
+/// The big-endian 64-bit words of a table.
+pub(crate) fn decode_words(bytes: &[u8]) -> Vec<u64> {
     bytes
         .chunks_exact(8)
         .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
-        .collect::<Vec<u64>>()
-        .into()
+        .collect()
+}
+
+pub(crate) fn decode_table(bytes: &[u8]) -> Table {
+    decode_words(bytes).into()
+}
+
+/// Reads the table of `len` bytes at `offset` ([`read_meta`]'s checks and
+/// message) as its big-endian 64-bit words.
+pub(crate) async fn read_words(
+    file: &Node,
+    offset: u64,
+    len: u64,
+    what: &str,
+    name: &str,
+) -> Result<Vec<u64>> {
+    Ok(decode_words(
+        &read_meta(file, offset, len, what, name).await?,
+    ))
 }
 
 impl Qcow2Driver {
@@ -193,8 +211,7 @@ impl Qcow2Driver {
         let layout = Layout::of(&header);
         let l1_bytes = u64::from(header.l1_size) * 8;
         debug_assert!(l1_bytes <= MAX_L1_BYTES);
-        let l1_raw = read_meta(file, header.l1_table_offset, l1_bytes, "L1 table", &name).await?;
-        let l1: Vec<u64> = decode_table(&l1_raw).to_vec();
+        let l1 = read_words(file, header.l1_table_offset, l1_bytes, "L1 table", &name).await?;
         let (snapshots, _) = read_snapshots(file, &header, &name, true).await?;
         let tables =
             opts.l2_cache_tables(header.size, header.cluster_size(), header.l2_entry_size())?;
@@ -255,7 +272,7 @@ impl Qcow2Driver {
             // The repair may have rewritten table entries (their COPIED
             // flags): nothing read before it is trusted.
             let l1_bytes = u64::from(header.l1_size) * 8;
-            let raw = read_meta(
+            let l1 = read_words(
                 &file,
                 header.l1_table_offset,
                 l1_bytes,
@@ -263,7 +280,7 @@ impl Qcow2Driver {
                 &self.name,
             )
             .await?;
-            *self.l1.write() = decode_table(&raw).to_vec();
+            *self.l1.write() = l1;
             self.l2_cache.clear();
             self.l2_epoch
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);

@@ -25,7 +25,7 @@
 //! stays the list as opened: the operations read the table from the
 //! file each time.
 
-use crate::driver::{read_meta, read_snapshots, Qcow2Driver};
+use crate::driver::{read_snapshots, read_words, Qcow2Driver};
 use crate::format::{
     corrupt, L2Entry, Snapshot, COPIED, MAX_SNAPSHOTS, MAX_SNAPSHOTS_BYTES, OFFSET_MASK,
 };
@@ -220,11 +220,7 @@ async fn read_l1(
     len: u32,
     what: &str,
 ) -> SnapshotResult<Vec<u64>> {
-    let raw = read_meta(file, offset, u64::from(len) * 8, what, d.name()).await?;
-    Ok(raw
-        .chunks_exact(8)
-        .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
-        .collect())
+    Ok(read_words(file, offset, u64::from(len) * 8, what, d.name()).await?)
 }
 
 /// Writes an L1 table at `offset` and flushes.

@@ -304,7 +304,7 @@ impl Writer {
     ) -> Result<Writer> {
         let cs = h.cluster_size();
         let bytes = u64::from(h.refcount_table_clusters) * cs;
-        let raw = read_meta(
+        let reftable = crate::driver::read_words(
             file,
             h.refcount_table_offset,
             bytes,
@@ -312,7 +312,6 @@ impl Writer {
             name,
         )
         .await?;
-        let reftable = crate::driver::decode_table(&raw).to_vec();
         let tickets = Arc::new(parking_lot::Mutex::new(Tickets::default()));
         Ok(Writer {
             tickets: tickets.clone(),
@@ -360,6 +359,23 @@ impl Writer {
             drop(st);
             settled.await;
         }
+    }
+
+    /// Locks the state for the one guest cluster at `guest` (header
+    /// prepared): with the L2 table that maps it (allocated if need be)
+    /// and the cluster's index in it.
+    async fn lock_cluster(
+        &self,
+        d: &Qcow2Driver,
+        file: &Node,
+        guest: u64,
+    ) -> Result<(tokio::sync::MutexGuard<'_, State>, u64, usize)> {
+        let cs = d.header().cluster_size();
+        let mut st = self.lock_range(guest, cs, cs).await;
+        Self::prepare(d, file, &mut st).await?;
+        self.prepared.store(true, SeqCst);
+        let (l2_off, idx) = Self::l2_for_write(d, file, &mut st, guest).await?;
+        Ok((st, l2_off, idx))
     }
 
     fn rb_bits(d: &Qcow2Driver) -> u32 {
@@ -687,10 +703,7 @@ impl Writer {
     ) -> Result<()> {
         let file = d.file(node)?;
         let cs = d.header().cluster_size();
-        let mut st = self.lock_range(guest, cs, cs).await;
-        Self::prepare(d, &file, &mut st).await?;
-        self.prepared.store(true, SeqCst);
-        let (l2_off, idx) = Self::l2_for_write(d, &file, &mut st, guest).await?;
+        let (mut st, l2_off, idx) = self.lock_cluster(d, &file, guest).await?;
         let word = d.l2_table(&file, l2_off).await?[idx];
         let mut to_free = Vec::new();
         match Self::decode(d, word, guest)? {
@@ -1438,7 +1451,12 @@ impl Writer {
             }
             match Self::decode(d, word, pos - within)? {
                 L2Entry::Normal { host } if word & COPIED != 0 => {
-                    out.push((host + within, n as usize))
+                    // Clusters that follow each other in the file go out
+                    // as one write.
+                    match out.last_mut() {
+                        Some((at, len)) if *at + *len as u64 == host + within => *len += n as usize,
+                        _ => out.push((host + within, n as usize)),
+                    }
                 }
                 _ => return Ok(None),
             }
@@ -1595,11 +1613,7 @@ impl Writer {
         len: u64,
     ) -> Result<CompressedSlot<'_>> {
         let file = d.file(node)?;
-        let cs = d.header().cluster_size();
-        let mut st = self.lock_range(guest, cs, cs).await;
-        Self::prepare(d, &file, &mut st).await?;
-        self.prepared.store(true, SeqCst);
-        let (l2_off, idx) = Self::l2_for_write(d, &file, &mut st, guest).await?;
+        let (mut st, l2_off, idx) = self.lock_cluster(d, &file, guest).await?;
         let step = if d.layout().extended_l2 { 2 } else { 1 };
         let word = d.l2_table(&file, l2_off).await?[step * idx];
         let old = Self::decode(d, word, guest)?;

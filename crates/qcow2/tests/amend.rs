@@ -36,14 +36,18 @@ fn specific(img: &str) -> Value {
     qemu_info(img)["format-specific"]["data"].clone()
 }
 
-fn map(img: &str) -> Vec<Value> {
-    let v: Value = serde_json::from_str(&qemu_img(&["map", "--output=json", img])).unwrap();
-    v.as_array().unwrap().clone()
+/// Amends `img` as [`sluice_amend`] does, which must refuse: the file
+/// keeps every byte. Returns the message.
+async fn refused(img: &str, list: &[(&str, &str)]) -> String {
+    let bytes = std::fs::read(img).unwrap();
+    let e = sluice_amend(img, list).await.unwrap_err();
+    assert_eq!(std::fs::read(img).unwrap(), bytes, "{list:?} wrote");
+    e.to_string()
 }
 
 /// The map entry covering guest offset `at`.
 fn map_at(img: &str, at: u64) -> Value {
-    map(img)
+    qemu_map(img)
         .into_iter()
         .find(|e| {
             let s = e["start"].as_u64().unwrap();
@@ -55,7 +59,7 @@ fn map_at(img: &str, at: u64) -> Value {
 /// A 64 MiB version 3 image with data, plain zero clusters and a
 /// preallocated zero cluster.
 fn image_with_zero_clusters(img: &str) {
-    qemu_img(&["create", "-q", "-f", "qcow2", img, "64M"]);
+    create_qcow2(img, "", "64M");
     qemu_io(
         img,
         &[
@@ -97,7 +101,7 @@ async fn downgrade_and_upgrade_keep_the_data() {
         (json!(true), json!(false)),
         "{pre}"
     );
-    assert!(map(&img)
+    assert!(qemu_map(&img)
         .iter()
         .all(|e| e["zero"] == json!(false) || e["present"] == json!(false)));
     // sluice reads the version 2 image as qemu-img does.
@@ -119,17 +123,8 @@ async fn upgrade_matches_a_fresh_version_3_image() {
     let dir = TempDir::new("amend-upgrade");
     let v2 = dir.path("v2.qcow2");
     let v3 = dir.path("v3.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "compat=0.10",
-        &v2,
-        "64M",
-    ]);
-    qemu_img(&["create", "-q", "-f", "qcow2", &v3, "64M"]);
+    create_qcow2(&v2, "compat=0.10", "64M");
+    create_qcow2(&v3, "", "64M");
     sluice_amend(&v2, &[("compat", "1.1")]).await.unwrap();
     // The header qemu-img writes: v3 fields, 112 bytes, the feature table.
     assert_eq!(std::fs::read(&v2).unwrap(), std::fs::read(&v3).unwrap());
@@ -140,7 +135,7 @@ async fn downgrade_over_a_backing_file_writes_zeroes() {
     let dir = TempDir::new("amend-backing");
     let base = dir.path("base.qcow2");
     let top = dir.path("top.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", &base, "64M"]);
+    create_qcow2(&base, "", "64M");
     qemu_io(&base, &["write -P 0x55 0 4M".into()]);
     qemu_img(&[
         "create", "-q", "-f", "qcow2", "-b", &base, "-F", "qcow2", &top,
@@ -182,7 +177,7 @@ async fn downgrade_over_a_backing_file_writes_zeroes() {
 async fn lazy_refcounts_on_and_off() {
     let dir = TempDir::new("amend-lazy");
     let img = dir.path("img.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", &img, "64M"]);
+    create_qcow2(&img, "", "64M");
     sluice_amend(&img, &[("lazy_refcounts", "on")])
         .await
         .unwrap();
@@ -211,25 +206,11 @@ async fn lazy_refcounts_on_and_off() {
     // A version 2 image has no lazy refcounts: QEMU's message, nothing
     // written.
     let v2 = dir.path("v2.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "compat=0.10",
-        &v2,
-        "64M",
-    ]);
-    let bytes = std::fs::read(&v2).unwrap();
-    let e = sluice_amend(&v2, &[("lazy_refcounts", "on")])
-        .await
-        .unwrap_err();
+    create_qcow2(&v2, "compat=0.10", "64M");
     assert_eq!(
-        e.to_string(),
+        refused(&v2, &[("lazy_refcounts", "on")]).await,
         "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)"
     );
-    assert_eq!(std::fs::read(&v2).unwrap(), bytes);
     // Upgraded in the same amend, they may.
     sluice_amend(&v2, &[("compat", "1.1"), ("lazy_refcounts", "on")])
         .await
@@ -252,16 +233,7 @@ async fn a_dirty_image_is_made_clean() {
         .enumerate()
     {
         let img = dir.path(&format!("img{i}.qcow2"));
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "lazy_refcounts=on",
-            &img,
-            "64M",
-        ]);
+        create_qcow2(&img, "lazy_refcounts=on", "64M");
         let out = std::process::Command::new("qemu-io")
             .args([
                 "-f",
@@ -292,7 +264,7 @@ async fn a_dirty_image_is_made_clean() {
 async fn size_grows_and_shrinks() {
     let dir = TempDir::new("amend-size");
     let img = dir.path("img.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", &img, "64M"]);
+    create_qcow2(&img, "", "64M");
     qemu_io(&img, &["write -P 0x12 1M 1M".into()]);
     sluice_amend(&img, &[("size", "3G")]).await.unwrap();
     assert_eq!(qemu_info(&img)["virtual-size"], json!(3u64 << 30));
@@ -301,62 +273,53 @@ async fn size_grows_and_shrinks() {
     assert_eq!(qemu_info(&img)["virtual-size"], json!(32u64 << 20));
     assert_clean(&img);
     qemu_io(&img, &["read -P 0x12 1M 1M".into()]);
-    let e = sluice_amend(&img, &[("size", "1000")]).await.unwrap_err();
-    assert_eq!(e.to_string(), "The new size must be a multiple of 512");
+    assert_eq!(
+        refused(&img, &[("size", "1000")]).await,
+        "The new size must be a multiple of 512"
+    );
 }
 
-/// A refused amend: `qemu-img create -o` options, amend options, QEMU's
-/// message.
-type Refusal<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+/// A refused amend: the `qemu-img create -o` options (`DATA` standing for
+/// a data file's name), the amend options, QEMU's message.
+type Refusal<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
 
 /// What QEMU refuses is refused with its message, and the file keeps
 /// every byte.
 #[tokio::test]
 async fn refusals_write_nothing() {
     let dir = TempDir::new("amend-refuse");
+    let downgrade: &[(&str, &str)] = &[("compat", "0.10")];
     let cases: &[Refusal] = &[
         (
-            &["extended_l2=on"],
-            &[("compat", "0.10")],
+            "extended_l2=on",
+            downgrade,
             "Cannot downgrade an image with incompatible features 0x10 set",
         ),
+        ("refcount_bits=8", downgrade, "compat=0.10 requires refcount_bits=16"),
+        ("data_file=DATA", downgrade, "Cannot downgrade an image with a data file"),
         (
-            &["refcount_bits=8"],
-            &[("compat", "0.10")],
-            "compat=0.10 requires refcount_bits=16",
-        ),
-        (
-            &["data_file=DATA"],
-            &[("compat", "0.10")],
-            "Cannot downgrade an image with a data file",
-        ),
-        (
-            &["compat=1.1"],
+            "compat=1.1",
             &[("backing_file", "other.qcow2")],
             "Cannot amend the backing file\nYou can use 'qemu-img rebase' instead.",
         ),
         (
-            &["compat=1.1"],
+            "compat=1.1",
             &[("refcount_bits", "3")],
             "Refcount width must be a power of two and may not exceed 64 bits",
         ),
         (
-            &["compat=1.1"],
+            "compat=1.1",
             &[("refcount_bits", "8"), ("compat", "0.10")],
             "Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)",
         ),
+        ("compat=1.1", &[("compat", "2")], "Unknown compatibility level 2"),
         (
-            &["compat=1.1"],
-            &[("compat", "2")],
-            "Unknown compatibility level 2",
-        ),
-        (
-            &["compat=1.1"],
+            "compat=1.1",
             &[("data_file", "x")],
             "data-file can only be set for images that use an external data file",
         ),
         (
-            &["compat=1.1"],
+            "compat=1.1",
             &[("lazy_refcounts", "on"), ("size", "1000")],
             "The new size must be a multiple of 512",
         ),
@@ -364,55 +327,21 @@ async fn refusals_write_nothing() {
     for (i, (create, list, want)) in cases.iter().enumerate() {
         let img = dir.path(&format!("img{i}.qcow2"));
         let data = dir.path(&format!("img{i}.data"));
-        let mut args = vec![
-            "create".to_string(),
-            "-q".into(),
-            "-f".into(),
-            "qcow2".into(),
-        ];
-        for o in *create {
-            args.extend(["-o".to_string(), o.replace("DATA", &data)]);
-        }
-        args.extend([img.clone(), "64M".into()]);
-        qemu_img(&args.iter().map(String::as_str).collect::<Vec<_>>());
-        let bytes = std::fs::read(&img).unwrap();
-        let e = sluice_amend(&img, list).await.unwrap_err();
-        assert_eq!(e.to_string(), *want, "{list:?}");
-        assert_eq!(std::fs::read(&img).unwrap(), bytes, "{list:?} wrote");
+        create_qcow2(&img, &create.replace("DATA", &data), "64M");
+        assert_eq!(refused(&img, list).await, *want, "{list:?}");
     }
     // zstd with compressed clusters cannot go back to version 2.
     let img = dir.path("zstd.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "compression_type=zstd",
-        &img,
-        "64M",
-    ]);
+    create_qcow2(&img, "compression_type=zstd", "64M");
     qemu_io(&img, &["write -c -P 7 0 64k".into()]);
-    let bytes = std::fs::read(&img).unwrap();
-    let e = sluice_amend(&img, &[("compat", "0.10")]).await.unwrap_err();
     assert_eq!(
-        e.to_string(),
+        refused(&img, downgrade).await,
         "Cannot downgrade an image with zstd compression type and existing compressed clusters"
     );
-    assert_eq!(std::fs::read(&img).unwrap(), bytes);
     // Without compressed clusters it can (as zlib).
     let img = dir.path("zstd-empty.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "compression_type=zstd",
-        &img,
-        "64M",
-    ]);
-    sluice_amend(&img, &[("compat", "0.10")]).await.unwrap();
+    create_qcow2(&img, "compression_type=zstd", "64M");
+    sluice_amend(&img, downgrade).await.unwrap();
     assert_eq!(specific(&img)["compression-type"], json!("zlib"));
     assert_clean(&img);
 }
@@ -425,7 +354,7 @@ async fn refusals_write_nothing() {
 async fn refcount_width_changes() {
     let dir = TempDir::new("amend-refcount");
     let img = dir.path("img.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", &img, "64M"]);
+    create_qcow2(&img, "", "64M");
     qemu_io(
         &img,
         &["write -P 0x31 0 3M".into(), "write -z 3M 1M".into()],
@@ -448,29 +377,15 @@ async fn refcount_width_changes() {
     // Clusters shared with the snapshots have refcounts above one: one
     // bit cannot hold them.
     qemu_img(&["snapshot", "-c", "s2", &img]);
-    let bytes = std::fs::read(&img).unwrap();
-    let e = sluice_amend(&img, &[("refcount_bits", "1")])
-        .await
-        .unwrap_err()
-        .to_string();
+    let e = refused(&img, &[("refcount_bits", "1")]).await;
     assert!(
         e.starts_with("Cannot decrease refcount entry width to 1 bits: Cluster at offset 0x")
             && e.contains(" has a refcount of "),
         "{e}"
     );
-    assert_eq!(std::fs::read(&img).unwrap(), bytes);
     // Widened and downgraded in one amend (16 bits again first).
     let r8 = dir.path("r8.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "refcount_bits=8",
-        &r8,
-        "64M",
-    ]);
+    create_qcow2(&r8, "refcount_bits=8", "64M");
     qemu_io(&r8, &["write -P 0x41 0 2M".into()]);
     sluice_amend(&r8, &[("compat", "0.10"), ("refcount_bits", "16")])
         .await

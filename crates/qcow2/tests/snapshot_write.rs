@@ -57,21 +57,26 @@ async fn delete(img: &str, id: Option<&str>, name: Option<&str>) -> SnapshotResu
     .await
 }
 
-/// The raw contents of snapshot `name`, as `qemu-img convert -l` reads it.
-fn snapshot_raw(img: &str, name: &str) -> Vec<u8> {
-    let out = format!("{img}.{name}.raw");
-    qemu_img(&[
-        "convert",
-        "-l",
-        &format!("snapshot.name={name}"),
-        "-O",
-        "raw",
-        img,
-        &out,
-    ]);
-    let data = std::fs::read(&out).unwrap();
-    let _ = std::fs::remove_file(&out);
-    data
+/// Creating snapshot "x" through a driver of its own, which must fail.
+async fn create_err(img: &str, read_only: bool) -> SnapshotError {
+    on_image(img, read_only, async |d, f| {
+        snapshot::create(d, f, "x", (0, 0)).await
+    })
+    .await
+    .unwrap_err()
+}
+
+/// `load_snapshot` (what `-l` opens) through a driver of its own.
+async fn load(
+    img: &str,
+    read_only: bool,
+    id: Option<&str>,
+    name: Option<&str>,
+) -> SnapshotResult<Snapshot> {
+    on_image(img, read_only, async |d, f| {
+        d.load_snapshot(f, id, name).await
+    })
+    .await
 }
 
 /// (id, name, disk size) of every snapshot, as `qemu-img info` lists them.
@@ -120,7 +125,7 @@ const COPIED: u64 = 1 << 63;
 async fn round_trip(opts: &str) {
     let dir = TempDir::new("snapwrite");
     let img = dir.path("s.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", "-o", opts, &img, "8M"]);
+    create_qcow2(&img, opts, "8M");
     qemu_io(
         &img,
         &[
@@ -199,23 +204,9 @@ async fn round_trip(opts: &str) {
     assert_eq!(read_be(&img, 60, 4), 0, "{opts}: nb_snapshots");
     assert_eq!(read_be(&img, 64, 8), 0, "{opts}: snapshots_offset");
     assert_same(&format!("{opts}: after delete"), &qemu_raw(&img), &s1_data);
-    assert_eq!(peek_refcount16_any(&img, host0 >> cb), 1, "{opts}");
+    assert_eq!(peek_refcount(&img, host0 >> cb), 1, "{opts}");
     assert_ne!(read_be(&img, l2_entry_at(&img, 0), 8) & COPIED, 0, "{opts}");
     assert_eq!(allocated_clusters(&img), before, "{opts}: clusters freed");
-}
-
-/// A refcount of any width (the default 16 bits, or 8).
-fn peek_refcount16_any(img: &str, k: u64) -> u64 {
-    let order = read_be(img, 96, 4);
-    if read_be(img, 4, 4) < 3 || order == 4 {
-        return peek_refcount16(img, k);
-    }
-    assert_eq!(order, 3, "test images use 8 or 16-bit refcounts");
-    let cb = read_be(img, 20, 4);
-    let rt = read_be(img, 48, 8);
-    let per = 1u64 << cb;
-    let block = read_be(img, rt + (k / per) * 8, 8);
-    read_be(img, block + k % per, 1)
 }
 
 #[tokio::test]
@@ -228,83 +219,79 @@ async fn round_trip_version_2() {
     round_trip("compat=0.10").await;
 }
 
-#[tokio::test]
-async fn round_trip_small_clusters_8bit_refcounts() {
-    // 4 KiB clusters: several L2 tables, each shared with the snapshots.
-    let dir = TempDir::new("snapwrite8");
+/// After snapshot `name` of `data` was taken: `writes` through sluice,
+/// the snapshot still reads as `data`, applying it brings `data` back,
+/// and deleting it (by `id`, else by name) leaves the image clean.
+async fn write_apply_delete(
+    img: &str,
+    name: &str,
+    data: &[u8],
+    writes: &[(u64, usize, u8)],
+    id: Option<&str>,
+) {
+    let mut model = data.to_vec();
+    write(img, &mut model, writes).await;
+    assert_clean(img);
+    assert_same("snapshot", &snapshot_raw(img, name), data);
+    apply(img, name).await.unwrap();
+    assert_clean(img);
+    assert_same("applied", &qemu_raw(img), data);
+    delete(img, id, id.is_none().then_some(name)).await.unwrap();
+    assert_clean(img);
+}
+
+/// A snapshot "a" of an 8 MiB image made with `opts` and `setup`'s
+/// qemu-io commands, then [`write_apply_delete`].
+async fn short_round_trip(
+    tag: &str,
+    opts: &str,
+    setup: &[&str],
+    writes: &[(u64, usize, u8)],
+    id: Option<&str>,
+) {
+    let dir = TempDir::new(tag);
     let img = dir.path("s.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4096,refcount_bits=8",
-        &img,
-        "8M",
-    ]);
+    create_qcow2(&img, opts, "8M");
     qemu_io(
         &img,
-        &["write -P 7 0 3M".into(), "write -c -P 8 5M 4k".into()],
+        &setup.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
     );
     let s1 = qemu_raw(&img);
     create(&img, "a").await;
     assert_clean(&img);
-    let mut model = s1.clone();
-    write(
-        &img,
-        &mut model,
+    write_apply_delete(&img, "a", &s1, writes, id).await;
+}
+
+#[tokio::test]
+async fn round_trip_small_clusters_8bit_refcounts() {
+    // 4 KiB clusters: several L2 tables, each shared with the snapshots.
+    short_round_trip(
+        "snapwrite8",
+        "cluster_size=4096,refcount_bits=8",
+        &["write -P 7 0 3M", "write -c -P 8 5M 4k"],
         &[(100, 5000, 9), (2 * MIB + 10, 300_000, 10)],
+        Some("1"),
     )
     .await;
-    assert_clean(&img);
-    assert_same("s1", &snapshot_raw(&img, "a"), &s1);
-    apply(&img, "a").await.unwrap();
-    assert_clean(&img);
-    assert_same("applied", &qemu_raw(&img), &s1);
-    delete(&img, Some("1"), None).await.unwrap();
-    assert_clean(&img);
 }
 
 #[tokio::test]
 async fn round_trip_extended_l2() {
-    let dir = TempDir::new("snapwriteext");
-    let img = dir.path("s.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
+    short_round_trip(
+        "snapwriteext",
         "extended_l2=on",
-        &img,
-        "8M",
-    ]);
-    qemu_io(&img, &["write -P 7 0 1M".into(), "write -P 8 3M 4k".into()]);
-    let s1 = qemu_raw(&img);
-    create(&img, "a").await;
-    assert_clean(&img);
-    let mut model = s1.clone();
-    write(
-        &img,
-        &mut model,
+        &["write -P 7 0 1M", "write -P 8 3M 4k"],
         &[(100, 5000, 9), (3 * MIB + 8192, 4096, 10)],
+        None,
     )
     .await;
-    assert_clean(&img);
-    assert_same("s1", &snapshot_raw(&img, "a"), &s1);
-    apply(&img, "a").await.unwrap();
-    assert_clean(&img);
-    assert_same("applied", &qemu_raw(&img), &s1);
-    delete(&img, None, Some("a")).await.unwrap();
-    assert_clean(&img);
 }
 
 #[tokio::test]
 async fn compressed_clusters_are_shared_and_freed() {
     let dir = TempDir::new("snapcomp");
     let img = dir.path("c.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", &img, "4M"]);
+    create_qcow2(&img, "", "4M");
     // Several compressed clusters packed into one host cluster.
     qemu_io(
         &img,
@@ -329,15 +316,7 @@ async fn compressed_clusters_are_shared_and_freed() {
         "one more per compressed cluster"
     );
     // Overwriting a compressed cluster copies it out; the snapshot keeps it.
-    let mut model = data.clone();
-    write(&img, &mut model, &[(1000, 10, 0x55)]).await;
-    assert_clean(&img);
-    assert_same("snapshot", &snapshot_raw(&img, "c"), &data);
-    apply(&img, "c").await.unwrap();
-    assert_clean(&img);
-    assert_same("applied", &qemu_raw(&img), &data);
-    delete(&img, None, Some("c")).await.unwrap();
-    assert_clean(&img);
+    write_apply_delete(&img, "c", &data, &[(1000, 10, 0x55)], None).await;
     assert_eq!(peek_refcount16(&img, k), rc);
 }
 
@@ -345,16 +324,7 @@ async fn compressed_clusters_are_shared_and_freed() {
 async fn apply_takes_the_snapshots_size() {
     let dir = TempDir::new("snapsize");
     let img = dir.path("z.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4096",
-        &img,
-        "1M",
-    ]);
+    create_qcow2(&img, "cluster_size=4096", "1M");
     qemu_io(&img, &["write -P 1 0 512k".into()]);
     let small = qemu_raw(&img);
     create(&img, "small").await;
@@ -381,7 +351,7 @@ async fn apply_takes_the_snapshots_size() {
 async fn ids_follow_qemu_and_errors_are_qemus() {
     let dir = TempDir::new("snapids");
     let img = dir.path("i.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", &img, "1M"]);
+    create_qcow2(&img, "", "1M");
     qemu_img(&["snapshot", "-c", "q1", &img]);
     assert_eq!(create(&img, "a").await.id, "2");
     assert_eq!(create(&img, "a").await.id, "3", "names may repeat");
@@ -390,42 +360,21 @@ async fn ids_follow_qemu_and_errors_are_qemus() {
     assert_clean(&img);
     let ids: Vec<String> = qemu_snapshots(&img).into_iter().map(|s| s.0).collect();
     assert_eq!(ids, ["1", "3", "4"]);
-    assert!(matches!(
+    for res in [
         apply(&img, "nope").await,
-        Err(SnapshotError::NotFound)
-    ));
-    assert!(matches!(
         delete(&img, None, Some("nope")).await,
-        Err(SnapshotError::NotFound)
-    ));
-    assert!(matches!(
         delete(&img, Some("3"), Some("b")).await,
-        Err(SnapshotError::NotFound)
-    ));
+    ] {
+        assert!(matches!(res, Err(SnapshotError::NotFound)), "{res:?}");
+    }
     // A read-only driver changes nothing; a writable one loads nothing.
-    let e = on_image(&img, true, async |d, f| {
-        snapshot::create(d, f, "x", (0, 0)).await
-    })
-    .await
-    .unwrap_err();
+    let e = create_err(&img, true).await;
     assert!(e.to_string().contains("read-only"), "{e}");
-    let e = on_image(&img, false, async |d, f| {
-        d.load_snapshot(f, Some("1"), None).await
-    })
-    .await
-    .unwrap_err();
+    let e = load(&img, false, Some("1"), None).await.unwrap_err();
     assert_eq!(e.to_string(), "Device is not readonly");
-    let e = on_image(&img, true, async |d, f| {
-        d.load_snapshot(f, None, Some("zz")).await
-    })
-    .await
-    .unwrap_err();
+    let e = load(&img, true, None, Some("zz")).await.unwrap_err();
     assert_eq!(e.to_string(), "Can't find snapshot");
-    let sn = on_image(&img, true, async |d, f| {
-        d.load_snapshot(f, None, Some("b")).await
-    })
-    .await
-    .unwrap();
+    let sn = load(&img, true, None, Some("b")).await.unwrap();
     assert_eq!(sn.id, "4");
     assert_clean(&img);
 }
@@ -436,42 +385,16 @@ async fn refused_where_qemu_refuses() {
     // An external data file: no snapshots.
     let img = dir.path("d.qcow2");
     let data = dir.path("d.raw");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        &format!("data_file={data}"),
-        &img,
-        "1M",
-    ]);
-    let e = on_image(&img, false, async |d, f| {
-        snapshot::create(d, f, "x", (0, 0)).await
-    })
-    .await
-    .unwrap_err();
+    create_qcow2(&img, &format!("data_file={data}"), "1M");
+    let e = create_err(&img, false).await;
     assert!(matches!(e, SnapshotError::NotSupported), "{e}");
     assert_eq!(e.to_string(), "Operation not supported");
     // 1-bit refcounts cannot count a second reference: QEMU's EINVAL,
     // and only the new L1 copy leaks.
     let one = dir.path("one.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "refcount_bits=1",
-        &one,
-        "1M",
-    ]);
+    create_qcow2(&one, "refcount_bits=1", "1M");
     qemu_io(&one, &["write 0 64k".into()]);
-    let e = on_image(&one, false, async |d, f| {
-        snapshot::create(d, f, "x", (0, 0)).await
-    })
-    .await
-    .unwrap_err();
+    let e = create_err(&one, false).await;
     assert_eq!(e.to_string(), "Invalid argument");
     assert_no_corruption(&one, "after a refused snapshot");
     assert!(qemu_snapshots(&one).is_empty());

@@ -11,23 +11,6 @@ mod crash_recorder;
 use common::*;
 use sluice_core::{IoBytes, WriteFlags, ZeroFlags};
 
-/// The raw contents of snapshot `name`.
-fn snapshot_raw(img: &str, name: &str) -> Vec<u8> {
-    let out = format!("{img}.{name}.raw");
-    qemu_img(&[
-        "convert",
-        "-l",
-        &format!("snapshot.name={name}"),
-        "-O",
-        "raw",
-        img,
-        &out,
-    ]);
-    let data = std::fs::read(&out).unwrap();
-    let _ = std::fs::remove_file(&out);
-    data
-}
-
 async fn writes_over_snapshots(opts: &str) {
     let dir = TempDir::new("snapw");
     let img = dir.path("s.qcow2");

@@ -41,23 +41,6 @@ fn data_file_path(img: &str) -> String {
     format!("{img}.data")
 }
 
-/// The raw contents of snapshot `name` (`qemu-img convert -l`).
-fn snapshot_raw(img: &str, name: &str) -> Vec<u8> {
-    let out = format!("{img}.{name}.raw");
-    qemu_img(&[
-        "convert",
-        "-l",
-        &format!("snapshot.name={name}"),
-        "-O",
-        "raw",
-        img,
-        &out,
-    ]);
-    let data = std::fs::read(&out).unwrap();
-    let _ = std::fs::remove_file(&out);
-    data
-}
-
 fn prepare(dir: &TempDir, c: &Case) -> String {
     let img = dir.path(&format!("{}.qcow2", c.name));
     let size = c.size.to_string();

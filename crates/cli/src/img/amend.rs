@@ -173,22 +173,7 @@ fn parse(args: &[String]) -> Result<Parsed, String> {
 /// The items of one `-o` argument (`,,` is a literal comma); `None` when
 /// an item is empty (QEMU's `is_valid_option_list`).
 fn option_items(list: &str) -> Option<Vec<String>> {
-    let mut items = Vec::new();
-    let mut cur = String::new();
-    let mut chars = list.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-                cur.push(',');
-            } else {
-                items.push(std::mem::take(&mut cur));
-            }
-        } else {
-            cur.push(c);
-        }
-    }
-    items.push(cur);
+    let items = common::o_items(list);
     items.iter().all(|i| !i.is_empty()).then_some(items)
 }
 
@@ -358,11 +343,8 @@ fn amend_with(p: &Parsed, items: &[String], progress: &QemuProgress) -> ExitCode
 
 #[cfg(test)]
 mod tests {
+    use super::common::args;
     use super::*;
-
-    fn args(a: &[&str]) -> Vec<String> {
-        a.iter().map(|s| s.to_string()).collect()
-    }
 
     #[test]
     fn getopt_style_arguments() {

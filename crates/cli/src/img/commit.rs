@@ -9,6 +9,7 @@ use super::convert::{copy, CopyMode, Source};
 use super::create::{create_file, with_file_node};
 use super::info::qcow2_facts;
 use super::progress::Progress;
+use super::rate::{parse_rate, RateLimit};
 use std::process::ExitCode;
 
 #[derive(clap::Args, Debug)]
@@ -28,8 +29,8 @@ pub struct CommitArgs {
     progress: bool,
     #[arg(short = 'q')]
     quiet: bool,
-    /// Rate limit (accepted, not enforced).
-    #[arg(short = 'r')]
+    /// Rate limit in bytes per second (size suffixes: `10M`; 0: none).
+    #[arg(short = 'r', allow_hyphen_values = true)]
     rate: Option<String>,
     #[arg(long = "image-opts")]
     image_opts: bool,
@@ -50,7 +51,12 @@ fn find_base(layers: &[std::sync::Arc<sluice_core::Node>], base: &str) -> Option
 }
 
 pub fn run(args: CommitArgs) -> ExitCode {
-    let _ = (&args.object, &args.rate);
+    common::bulk_copy_writes();
+    let _ = &args.object;
+    let rate = match args.rate.as_deref().map(parse_rate).transpose() {
+        Ok(r) => RateLimit::job(r.unwrap_or(0)),
+        Err(e) => return common::fail(1, &e),
+    };
     let Some(filename) = args.filename.clone() else {
         common::error("Expecting one image file name");
         eprintln!("Try 'qemu-img commit --help' for more info");
@@ -109,7 +115,8 @@ pub fn run(args: CommitArgs) -> ExitCode {
         let _ = top.close().await;
         let (depth, facts, top_name, links) = inspected?;
         let base_fmt = links[depth - 1].format.clone();
-        let (copied, closed) = commit_into_base(&spec, &links[..depth], cache, &progress).await?;
+        let (copied, closed) =
+            commit_into_base(&spec, &links[..depth], cache, rate, &progress).await?;
         copied?;
         closed?;
         if keep_top {
@@ -167,6 +174,7 @@ async fn commit_into_base(
     spec: &OpenSpec,
     links: &[sluice_qcow2::chain::ChainLink],
     cache: sluice_drivers::protocol::file::CacheMode,
+    rate: Option<RateLimit>,
     progress: &Progress,
 ) -> Result<(Result<(), String>, Result<(), String>), String> {
     use serde_json::{json, Value};
@@ -251,6 +259,7 @@ async fn commit_into_base(
         in_order: true,
         depth: 8,
         compress: false,
+        rate,
     };
     let copied = if base.size() < top.size() {
         Err("the base image is smaller than the top image: resize it first".to_string())

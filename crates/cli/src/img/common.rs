@@ -31,6 +31,12 @@ fn keep_buffers_on_heap() {
     }
 }
 
+/// For the commands whose writes are one bulk copy ended by a flush
+/// (convert, commit, rebase): the disk starts writing as the copy goes.
+pub fn bulk_copy_writes() {
+    sluice_drivers::protocol::file::set_write_behind(true);
+}
+
 /// Runs `fut` on a small multi-threaded runtime; I/O engine threads left
 /// behind never keep the process up.
 pub fn block_on<F: std::future::Future>(fut: F) -> Result<F::Output, String> {
@@ -131,6 +137,12 @@ fn deep_merge(dst: &mut Value, src: Value) {
 /// key=value string (`--image-opts`), or a file with its format (probed
 /// when not given).
 pub fn image_options(spec: &OpenSpec) -> Result<Value, String> {
+    options_probed(spec).map(|(v, _)| v)
+}
+
+/// [`image_options`], and the file whose format was probed, if any.
+fn options_probed(spec: &OpenSpec) -> Result<(Value, Option<String>), String> {
+    let mut probed = (!spec.image_opts && spec.format.is_none()).then(|| spec.name.clone());
     let mut v = if spec.image_opts {
         sluice_control::keyval::parse(&spec.name, Some("file")).map_err(|e| e.to_string())?
     } else if let Some(json) = spec.name.strip_prefix("json:") {
@@ -158,6 +170,15 @@ pub fn image_options(spec: &OpenSpec) -> Result<Value, String> {
     }
     if spec.image_opts {
         default_protocol(&mut v);
+        // Without a driver, the format of the file below is probed.
+        let file = &v["file"];
+        if v.get("driver").is_none() && file["driver"] == "file" {
+            if let Some(f) = file["filename"].as_str().map(str::to_string) {
+                let fmt = sluice_drivers::open::probe_format(&f).map_err(|e| e.to_string())?;
+                v["driver"] = Value::String(fmt.into());
+                probed = Some(f);
+            }
+        }
     }
     if spec.no_backing && v["driver"] == "qcow2" && v.get("backing").is_none() {
         v["backing"] = Value::Null;
@@ -165,7 +186,7 @@ pub fn image_options(spec: &OpenSpec) -> Result<Value, String> {
     if let Some(e) = &spec.extra {
         deep_merge(&mut v, e.clone());
     }
-    Ok(v)
+    Ok((v, probed))
 }
 
 /// A nested `file` given by its `filename` alone is a `file` node, as
@@ -193,8 +214,8 @@ pub async fn open(spec: &OpenSpec) -> Result<Image, String> {
             "force-share=on can only be used with read-only images".into(),
         ));
     }
-    let v = image_options(spec).map_err(could_not)?;
-    let probed_raw = !spec.image_opts && spec.format.is_none() && v["driver"] == "raw";
+    let (v, probed) = options_probed(spec).map_err(could_not)?;
+    let probed_raw = probed.filter(|_| v["driver"] == "raw");
     let cache = spec.cache.unwrap_or(CacheMode::WRITEBACK);
     let graph = Graph::new();
     let (root, top) = {
@@ -216,8 +237,8 @@ pub async fn open(spec: &OpenSpec) -> Result<Image, String> {
             }
         }
     };
-    if probed_raw && spec.writable {
-        eprintln!("WARNING: Image format was not specified for '{}' and probing guessed raw.\n         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         Specify the 'raw' format explicitly to remove the restrictions.", spec.name);
+    if let Some(name) = probed_raw.filter(|_| spec.writable) {
+        eprintln!("WARNING: Image format was not specified for '{name}' and probing guessed raw.\n         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         Specify the 'raw' format explicitly to remove the restrictions.");
     }
     Ok(Image {
         graph,
@@ -329,28 +350,34 @@ pub fn size_to_str(val: u64) -> String {
     format!("{} {}B", fmt_g3(val as f64 / div), SUFFIXES[i])
 }
 
+/// The items of one `-o` argument: split on single commas, `,,` being a
+/// literal comma. Empty items are kept (`a=b,` ends with one).
+pub fn o_items(list: &str) -> Vec<String> {
+    let mut cur = String::new();
+    let mut items = Vec::new();
+    let mut chars = list.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                cur.push(',');
+            } else {
+                items.push(std::mem::take(&mut cur));
+            }
+        } else {
+            cur.push(c);
+        }
+    }
+    items.push(cur);
+    items
+}
+
 /// Parses a `-o` list (`a=b,c=d`; `,,` is a literal comma) into pairs,
 /// merging repeated `-o` options as qemu-img does.
 pub fn parse_o_list(list: &[String]) -> Result<Vec<(String, String)>, String> {
     let mut out = Vec::new();
     for s in list {
-        let mut cur = String::new();
-        let mut items = Vec::new();
-        let mut chars = s.chars().peekable();
-        while let Some(c) = chars.next() {
-            if c == ',' {
-                if chars.peek() == Some(&',') {
-                    chars.next();
-                    cur.push(',');
-                } else {
-                    items.push(std::mem::take(&mut cur));
-                }
-            } else {
-                cur.push(c);
-            }
-        }
-        items.push(cur);
-        for it in items {
+        for it in o_items(s) {
             if it.is_empty() {
                 continue;
             }
@@ -361,6 +388,12 @@ pub fn parse_o_list(list: &[String]) -> Result<Vec<(String, String)>, String> {
         }
     }
     Ok(out)
+}
+
+/// Test arguments as the parsers take them.
+#[cfg(test)]
+pub fn args(a: &[&str]) -> Vec<String> {
+    a.iter().map(|s| s.to_string()).collect()
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 //! skipped too (a sparse target). Up to `-m` chunks are in flight as tasks
 //! on the runtime, so reads overlap writes; without `-W` each write waits
 //! for the one before it to finish, as qemu-img's in-order mode does.
+//! With `-r` each piece first waits for the rate limit (`rate.rs`).
 //!
 //! `-B BASE` on a source whose chain holds BASE copies every layer above
 //! BASE, so the target always reads as the source. qemu-img copies only
@@ -18,13 +19,14 @@
 use super::common::{self, OpenSpec};
 use super::create::{create_image, CreateRequest};
 use super::progress::Progress;
+use super::rate::{Limiter, RateLimit};
 use sluice_core::error::os_text;
 use sluice_core::{IoBytes, Root, WriteFlags, ZeroFlags};
 use sluice_drivers::protocol::file::CacheMode;
 use sluice_drivers::size::parse_size;
 use std::process::ExitCode;
 use std::sync::Arc;
-use tokio::sync::watch;
+use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 
 #[derive(clap::Args, Debug)]
@@ -81,8 +83,8 @@ pub struct ConvertArgs {
     /// Copy offloading (accepted; sluice copies through its own buffers).
     #[arg(short = 'C')]
     copy_range: bool,
-    /// Rate limit (accepted, not enforced).
-    #[arg(short = 'r')]
+    /// Rate limit in bytes per second (size suffixes: `10M`; 0: none).
+    #[arg(short = 'r', allow_hyphen_values = true)]
     rate: Option<String>,
     /// Internal snapshot to read the source as of (`snapshot.id=ID`,
     /// `snapshot.name=NAME`, or an id or name).
@@ -113,6 +115,8 @@ pub struct CopyMode {
     pub depth: usize,
     /// Data goes out as compressed clusters of `unit` bytes (`-c`).
     pub compress: bool,
+    /// `-r`: each piece waits for the rate limit before it is issued.
+    pub rate: Option<RateLimit>,
 }
 
 /// What one piece of the copy does.
@@ -166,12 +170,19 @@ pub fn sparse_runs(buf: &[u8], unit: usize, min_sparse: usize) -> Vec<(usize, us
 
 /// One unit of work: a range of a source and where it goes.
 struct Piece {
-    seq: u64,
     src: Arc<Root>,
     src_off: u64,
     dst_off: u64,
     len: u64,
     kind: Kind,
+}
+
+/// A piece's place in in-order mode: it writes once `mine` fires (the
+/// piece before is written) and then fires `next`. Dropping `next`
+/// unfired (the piece failed) stops the pieces after it.
+struct Turn {
+    mine: Option<oneshot::Receiver<()>>,
+    next: Option<oneshot::Sender<()>>,
 }
 
 /// Where a copy failed: `(is_read, target byte, message)`.
@@ -250,12 +261,7 @@ async fn write_zero_range(dst: &Root, off: u64, len: u64, mode: &CopyMode) -> Re
     .map_err(|e| errno_text(&e))
 }
 
-async fn run_piece(
-    p: Piece,
-    dst: Arc<Root>,
-    mode: CopyMode,
-    order: Arc<watch::Sender<u64>>,
-) -> Result<u64, CopyError> {
+async fn run_piece(p: Piece, dst: Arc<Root>, mode: CopyMode, turn: Turn) -> Result<u64, CopyError> {
     let data = match p.kind {
         Kind::Copy => Some(
             p.src
@@ -266,17 +272,19 @@ async fn run_piece(
         ),
         Kind::Zero => None,
     };
-    if mode.in_order {
-        let mut rx = order.subscribe();
-        // The sender lives as long as `order`: this cannot fail.
-        let _ = rx.wait_for(|&next| next >= p.seq).await;
+    let Turn { mine, next } = turn;
+    if let Some(mine) = mine {
+        if mine.await.is_err() {
+            // The piece before failed (its error is the one reported).
+            return Ok(0);
+        }
     }
     let res = match data {
         Some(d) => write_data(&dst, p.dst_off, d, &mode).await,
         None => write_zero_range(&dst, p.dst_off, p.len, &mode).await,
     };
-    if mode.in_order {
-        order.send_modify(|next| *next = (*next).max(p.seq + 1));
+    if let (Some(next), Ok(())) = (next, &res) {
+        let _ = next.send(());
     }
     res.map(|_| p.len).map_err(|e| (false, p.dst_off, e))
 }
@@ -290,10 +298,12 @@ pub async fn copy(
     progress: &Progress,
 ) -> Result<(), CopyError> {
     let total: u64 = sources.iter().map(|s| s.root.size()).sum();
-    let order = Arc::new(watch::Sender::new(0u64));
+    let limiter = mode.rate.map(Limiter::new);
+    // In order, each piece's write waits for the one before it: one
+    // hand-over per piece (a shared counter would wake every waiter).
+    let mut prev_done: Option<oneshot::Receiver<()>> = None;
     let mut tasks: JoinSet<Result<u64, CopyError>> = JoinSet::new();
     let mut done = 0u64;
-    let mut seq = 0u64;
     let mut first_err: Option<CopyError> = None;
     let collect = |r: Option<Result<Result<u64, CopyError>, tokio::task::JoinError>>,
                    done: &mut u64,
@@ -365,16 +375,34 @@ pub async fn copy(
             while tasks.len() >= mode.depth {
                 collect(tasks.join_next().await, &mut done, &mut first_err);
             }
+            if let (Some(l), Some(r)) = (&limiter, mode.rate) {
+                l.admit(if kind == Kind::Zero && !r.count_zeroes {
+                    0
+                } else {
+                    len
+                })
+                .await;
+            }
             let piece = Piece {
-                seq,
                 src: src.root.clone(),
                 src_off: off,
                 dst_off,
                 len,
                 kind,
             };
-            seq += 1;
-            tasks.spawn(run_piece(piece, dst.clone(), mode, order.clone()));
+            let turn = if mode.in_order {
+                let (tx, rx) = oneshot::channel();
+                Turn {
+                    mine: prev_done.replace(rx),
+                    next: Some(tx),
+                }
+            } else {
+                Turn {
+                    mine: None,
+                    next: None,
+                }
+            };
+            tasks.spawn(run_piece(piece, dst.clone(), mode, turn));
             off += len;
         }
     }
@@ -429,6 +457,7 @@ fn base_depth(src: &Root, base_path: &str) -> u32 {
 }
 
 pub fn run(args: ConvertArgs) -> ExitCode {
+    common::bulk_copy_writes();
     match convert(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => common::fail(1, &e),
@@ -436,39 +465,43 @@ pub fn run(args: ConvertArgs) -> ExitCode {
 }
 
 fn convert(args: ConvertArgs) -> Result<(), String> {
-    let _ = (&args.object, &args.rate, args.copy_range, args.salvage);
+    let _ = (&args.object, args.copy_range, args.salvage);
     let depth = coroutines(args.coroutines.as_deref())?;
     let min_sparse = sparse_size(args.sparse.as_deref())?;
-    if args.files.len() < 2 {
-        return Err("Must specify image file name".into());
-    }
+    let rate = match args.rate.as_deref() {
+        Some(r) => super::rate::parse_rate(r)?,
+        None => 0,
+    };
     let snapshot = args
         .snapshot
         .as_deref()
         .map(super::snapshot::SnapshotParam::parse)
         .transpose()?;
     let out_fmt = args.out_format.clone().unwrap_or_else(|| "raw".into());
-    if args.image_opts && args.format.is_some() {
-        return Err("--image-opts and -f are mutually exclusive".into());
-    }
-    if args.target_image_opts {
-        return Err("--target-image-opts is not supported by sluice".into());
-    }
-    if args.target_is_zero && !args.no_create {
-        return Err("--target-is-zero requires use of -n flag".into());
-    }
-    if args.compress && out_fmt != "qcow2" {
-        return Err("Compression not supported for this file format".into());
-    }
-    if args.backing.is_some() && out_fmt == "raw" {
-        return Err("Backing file not supported for file format 'raw'".into());
-    }
-    if args.backing.is_some() && args.backing_fmt.is_none() {
-        return Err("Use of backing file requires explicit backing format".into());
+    // qemu-img's order: these before the file count.
+    if args.target_image_opts && !args.no_create {
+        return Err("--target-image-opts requires use of -n flag".into());
     }
     let options = common::parse_o_list(&args.options)?;
     if args.no_create && !options.is_empty() {
         return Err("-o has no effect when skipping image creation".into());
+    }
+    if args.target_is_zero && !args.no_create {
+        return Err("--target-is-zero requires use of -n flag".into());
+    }
+    if args.files.len() < 2 {
+        return Err("Must specify image file name".into());
+    }
+    // What creating the target needs; with -n the target is checked once
+    // open.
+    if !args.no_create && args.compress && out_fmt != "qcow2" {
+        return Err("Compression not supported for this file format".into());
+    }
+    if !args.no_create && args.backing.is_some() && out_fmt == "raw" {
+        return Err("Backing file not supported for file format 'raw'".into());
+    }
+    if !args.no_create && args.backing.is_some() && args.backing_fmt.is_none() {
+        return Err("Use of backing file requires explicit backing format".into());
     }
     let (inputs, out) = args.files.split_at(args.files.len() - 1);
     let out = out[0].clone();
@@ -481,9 +514,11 @@ fn convert(args: ConvertArgs) -> Result<(), String> {
         backing_fmt: args.backing_fmt.clone(),
         ..CreateRequest::default()
     };
-    req.check_format()?;
-    req.take_generic_options()?;
-    req.check_options()?;
+    if !args.no_create {
+        req.check_format()?;
+        req.take_generic_options()?;
+        req.check_options()?;
+    }
     let src_cache = common::cache_mode(args.src_cache.as_deref())?;
     let dst_cache = match &args.cache {
         None => CacheMode::UNSAFE,
@@ -498,6 +533,9 @@ fn convert(args: ConvertArgs) -> Result<(), String> {
                 let _ = s.close().await;
             }
         };
+        if args.image_opts && args.format.is_some() {
+            return Err("--image-opts and --format are mutually exclusive".to_string());
+        }
         for name in inputs {
             let spec = OpenSpec {
                 name: name.clone(),
@@ -527,6 +565,14 @@ fn convert(args: ConvertArgs) -> Result<(), String> {
                 return Err(e);
             }
         }
+        if args.target_is_zero && args.backing.is_some() {
+            // qemu-img reports this and, copying nothing, exits with 0.
+            close_all(srcs).await;
+            common::error(
+                "Cannot use --target-is-zero when the destination image has a backing file",
+            );
+            return Ok(());
+        }
         let total: u64 = srcs.iter().map(common::Image::size).sum();
         if !args.no_create {
             req.size.get_or_insert(total);
@@ -541,9 +587,15 @@ fn convert(args: ConvertArgs) -> Result<(), String> {
                 return Err(e);
             }
         }
+        // --target-image-opts: the name is the target's options.
+        if args.target_image_opts && args.out_format.is_some() {
+            close_all(srcs).await;
+            return Err("--image-opts and --format are mutually exclusive".into());
+        }
         let dst_spec = OpenSpec {
             name: out.clone(),
-            format: Some(out_fmt.clone()),
+            format: (!args.target_image_opts).then(|| out_fmt.clone()),
+            image_opts: args.target_image_opts,
             writable: true,
             cache: Some(dst_cache),
             ..OpenSpec::default()
@@ -555,14 +607,24 @@ fn convert(args: ConvertArgs) -> Result<(), String> {
                 return Err(e);
             }
         };
+        let dst_fmt = dst.node().driver_name();
+        if args.no_create && args.compress && dst_fmt != "qcow2" {
+            close_all(srcs).await;
+            let _ = dst.close().await;
+            return Err("Compression not supported for this file format".into());
+        }
         if args.no_create && dst.size() < total {
             close_all(srcs).await;
             let _ = dst.close().await;
             return Err("output file is smaller than input file".into());
         }
         let target_backing = dst.node().child(sluice_core::Role::Backing).is_some();
+        let out_path = match args.target_image_opts {
+            true => common::node_filename(&dst.node()).unwrap_or_else(|| out.clone()),
+            false => out.clone(),
+        };
         let base = args.backing.as_ref().map(|b| {
-            sluice_qcow2::chain::backing_path(Some(&out), b).unwrap_or_else(|_| b.clone())
+            sluice_qcow2::chain::backing_path(Some(&out_path), b).unwrap_or_else(|_| b.clone())
         });
         let mut sources = Vec::new();
         for s in &srcs {
@@ -574,7 +636,7 @@ fn convert(args: ConvertArgs) -> Result<(), String> {
             });
             start += s.size();
         }
-        let unit = match out_fmt.as_str() {
+        let unit = match dst_fmt {
             "qcow2" => info_cluster_size(&dst).await.unwrap_or(65536),
             _ => 512,
         };
@@ -585,6 +647,7 @@ fn convert(args: ConvertArgs) -> Result<(), String> {
             in_order: !args.out_of_order,
             depth,
             compress: args.compress,
+            rate: RateLimit::throttle(rate),
         };
         let copied = copy(&sources, &dst.root, mode, &progress).await;
         drop(sources);

@@ -15,6 +15,7 @@ mod json;
 mod map;
 mod measure;
 mod progress;
+mod rate;
 mod rebase;
 mod resize;
 mod snapshot;
@@ -38,7 +39,8 @@ pub enum ImgCommand {
     Create(create::CreateArgs),
     /// Convert an image to another format or flatten a chain (qemu-img convert).
     Convert(Box<convert::ConvertArgs>),
-    /// List the snapshots of an image (qemu-img snapshot -l).
+    /// List, create, apply or delete the internal snapshots of an image
+    /// (qemu-img snapshot -l/-c/-a/-d).
     Snapshot(snapshot::SnapshotArgs),
     /// Check an image for consistency, optionally repairing it (qemu-img check).
     Check(check::CheckArgs),

@@ -5,7 +5,9 @@
 //! shows is copied); `-u` only rewrites the header.
 
 use super::common::{self, OpenSpec};
+use super::convert::is_zero;
 use super::progress::Progress;
+use futures::stream::{FuturesOrdered, StreamExt};
 use sluice_core::{IoBuf, Node, Root, WriteFlags};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -48,12 +50,23 @@ pub struct RebaseArgs {
 /// Bytes compared per step.
 const CHUNK: u64 = 2 << 20;
 
-/// Reads `len` bytes at `off` of `root`, zeroes past its end (or without
-/// a root at all).
-async fn read_or_zero(root: Option<&Root>, off: u64, len: u64) -> Result<IoBuf, String> {
-    let mut buf = IoBuf::zeroed(len as usize);
-    let Some(r) = root else { return Ok(buf) };
+/// Steps in flight: reads of the next steps overlap the writes of the
+/// earlier ones.
+const DEPTH: usize = 8;
+
+/// Reads `len` bytes at `off` of `new`, zeroes past its end; `None`
+/// without a new backing file (everything compares against zeroes).
+async fn read_new(new: Option<&Root>, off: u64, len: u64) -> Result<Option<IoBuf>, String> {
+    let Some(r) = new else { return Ok(None) };
     let n = r.size().saturating_sub(off).min(len);
+    if n == len {
+        return r
+            .read(off, len as usize)
+            .await
+            .map(Some)
+            .map_err(|e| format!("Could not read new backing file: {e}"));
+    }
+    let mut buf = IoBuf::zeroed(len as usize);
     if n > 0 {
         let got = r
             .read(off, n as usize)
@@ -61,7 +74,7 @@ async fn read_or_zero(root: Option<&Root>, off: u64, len: u64) -> Result<IoBuf, 
             .map_err(|e| format!("Could not read new backing file: {e}"))?;
         buf[..n as usize].copy_from_slice(&got);
     }
-    Ok(buf)
+    Ok(Some(buf))
 }
 
 /// Whether `[off, off + len)` of the new backing reads as zeroes by its
@@ -83,8 +96,54 @@ async fn new_is_zero(new: Option<&Root>, off: u64, len: u64) -> bool {
     true
 }
 
+/// One step: copies into `top` the `unit`s of `[off, off + len)` that the
+/// old chain shows differently from the new backing; runs of differing
+/// units go out as one write each. Returns the end of the step.
+async fn copy_step(
+    top: &Root,
+    new: Option<&Root>,
+    unit: u64,
+    off: u64,
+    len: u64,
+) -> Result<u64, String> {
+    let old = top
+        .read(off, len as usize)
+        .await
+        .map_err(|e| format!("error while reading image at offset {off}: {e}"))?;
+    let newb = read_new(new, off, len).await?;
+    let data = old.freeze();
+    let step = |i: u64| (unit - (off + i) % unit).min(len - i);
+    let differs = |i: u64| {
+        let r = i as usize..(i + step(i)) as usize;
+        match &newb {
+            Some(n) => data[r.clone()] != n[r],
+            None => !is_zero(&data[r]),
+        }
+    };
+    let mut i = 0u64;
+    while i < len {
+        if !differs(i) {
+            i += step(i);
+            continue;
+        }
+        let start = i;
+        while i < len && differs(i) {
+            i += step(i);
+        }
+        top.write(
+            off + start,
+            data.slice(start as usize..i as usize),
+            WriteFlags::default(),
+        )
+        .await
+        .map_err(|e| format!("error while writing image at offset {}: {e}", off + start))?;
+    }
+    Ok(off + len)
+}
+
 /// Copies into `top` what it does not allocate and the new backing shows
-/// differently, `unit` bytes (its cluster size) at a time.
+/// differently, `unit` bytes (its cluster size) at a time, [`DEPTH`]
+/// steps at once.
 async fn copy_differences(
     top: &Root,
     new: Option<&Root>,
@@ -94,54 +153,30 @@ async fn copy_differences(
     let node = top.node();
     let size = node.size();
     let mut off = 0u64;
-    while off < size {
-        let e = common::extent_at(&node, off, size - off)
-            .await
-            .map_err(|e| e.to_string())?;
-        let len = e.length.min(CHUNK - off % CHUNK);
-        if e.present && e.depth == 0 {
-            off += e.length;
-            progress.set(off, size);
-            continue;
-        }
-        if e.zero && new_is_zero(new, off, len).await {
-            off += len;
-            progress.set(off, size);
-            continue;
-        }
-        let old = top
-            .read(off, len as usize)
-            .await
-            .map_err(|e| format!("error while reading image at offset {off}: {e}"))?;
-        let newb = read_or_zero(new, off, len).await?;
-        let data = old.freeze();
-        let mut i = 0u64;
-        while i < len {
-            // A run of differing units, written as one request.
-            let step = |i: u64| (unit - (off + i) % unit).min(len - i);
-            let differs = |i: u64| {
-                let r = i as usize..(i + step(i)) as usize;
-                data[r.clone()] != newb[r]
-            };
-            if !differs(i) {
-                i += step(i);
+    let mut pending = FuturesOrdered::new();
+    loop {
+        while off < size && pending.len() < DEPTH {
+            let e = common::extent_at(&node, off, size - off)
+                .await
+                .map_err(|e| e.to_string())?;
+            let len = e.length.min(CHUNK - off % CHUNK);
+            if e.present && e.depth == 0 {
+                off += e.length;
                 continue;
             }
-            let start = i;
-            while i < len && differs(i) {
-                i += step(i);
+            if e.zero && new_is_zero(new, off, len).await {
+                off += len;
+                continue;
             }
-            top.write(
-                off + start,
-                data.slice(start as usize..i as usize),
-                WriteFlags::default(),
-            )
-            .await
-            .map_err(|e| format!("error while writing image at offset {}: {e}", off + start))?;
+            pending.push_back(copy_step(top, new, unit, off, len));
+            off += len;
         }
-        off += len;
-        progress.set(off, size);
+        match pending.next().await {
+            Some(done) => progress.set(done?, size),
+            None => break,
+        }
     }
+    progress.set(size, size);
     Ok(())
 }
 
@@ -169,6 +204,7 @@ async fn change_backing(
 }
 
 pub fn run(args: RebaseArgs) -> ExitCode {
+    common::bulk_copy_writes();
     let _ = (&args.object, args.compress);
     let Some(filename) = args.filename.clone() else {
         common::error("Expecting one image file name");

@@ -205,11 +205,8 @@ pub fn run(args: ResizeArgs) -> ExitCode {
 
 #[cfg(test)]
 mod tests {
+    use super::common::args;
     use super::*;
-
-    fn args(a: &[&str]) -> Vec<String> {
-        a.iter().map(|s| s.to_string()).collect()
-    }
 
     #[test]
     fn a_negative_last_argument_is_the_size() {

@@ -60,6 +60,89 @@ pub fn ok(cmd: &str, args: &[&str]) -> String {
     String::from_utf8(o.stdout).unwrap()
 }
 
+/// A tool's output as text.
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A command line: the program, then its arguments.
+pub type Line = Vec<String>;
+
+pub fn line(words: &[&str]) -> Line {
+    words.iter().map(|w| w.to_string()).collect()
+}
+
+/// Runs a command line that must succeed; returns its stdout.
+pub fn ok_line(l: &[String]) -> String {
+    let args: Vec<&str> = l[1..].iter().map(String::as_str).collect();
+    ok(&l[0], &args)
+}
+
+/// `qemu-img create -q -f FMT [-o OPTS] IMG SIZE` (no `-o` when `opts`
+/// is empty).
+pub fn img_create(fmt: &str, opts: &str, img: &str, size: &str) -> Line {
+    let mut l = line(&["qemu-img", "create", "-q", "-f", fmt]);
+    if !opts.is_empty() {
+        l.extend(line(&["-o", opts]));
+    }
+    l.extend(line(&[img, size]));
+    l
+}
+
+/// `qemu-io -f qcow2 -c CMD... IMG`.
+pub fn qemu_io(img: &str, cmds: &[&str]) -> Line {
+    let mut l = line(&["qemu-io", "-f", "qcow2"]);
+    for c in cmds {
+        l.extend(line(&["-c", c]));
+    }
+    l.push(img.to_string());
+    l
+}
+
+/// `qemu-img info --output=json [ARGS] IMG`, which must succeed.
+pub fn qemu_info(img: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> Value {
+    let img = img.as_ref();
+    let o = Command::new("qemu-img")
+        .args(["info", "--output=json"])
+        .args(args)
+        .arg(img)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "qemu-img info {img:?}: {}{}",
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// `qemu-img check IMG` finds no errors (and no leaks).
+pub fn assert_clean(img: impl AsRef<std::ffi::OsStr>) {
+    let img = img.as_ref();
+    let o = Command::new("qemu-img")
+        .arg("check")
+        .arg(img)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success() && text(&o.stdout).contains("No errors were found"),
+        "qemu-img check {img:?}: {}{}",
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+}
+
+/// qemu-img's run (`q`) and sluice's (`s`) ended alike: exit code,
+/// stdout and stderr.
+pub fn same_outcome(q: &Output, s: &Output, what: &str) {
+    assert_eq!(
+        (q.status.code(), text(&q.stdout), text(&q.stderr)),
+        (s.status.code(), text(&s.stdout), text(&s.stderr)),
+        "{what}: qemu-img (left) and sluice (right) differ"
+    );
+}
+
 /// Whether `tool` is installed; says so when it is not.
 pub fn have(tool: &str) -> bool {
     let found = Command::new(tool)

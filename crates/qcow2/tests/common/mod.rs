@@ -79,13 +79,39 @@ pub fn qemu_io(img: &str, cmds: &[String]) {
     );
 }
 
-/// What `qemu-img convert -O raw` makes of the image.
-pub fn qemu_raw(img: &str) -> Vec<u8> {
-    let out = format!("{img}.ref.raw");
-    qemu_img(&["convert", "-O", "raw", img, &out]);
+/// `qemu-img create -q -f qcow2 [-o OPTS] IMG SIZE` (no `-o` when `opts`
+/// is empty).
+pub fn create_qcow2(img: &str, opts: &str, size: &str) {
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    if !opts.is_empty() {
+        args.extend(["-o", opts]);
+    }
+    args.extend([img, size]);
+    qemu_img(&args);
+}
+
+/// What `qemu-img convert ARGS -O raw` makes of the image (written to
+/// `{img}.{tag}.raw`, then removed).
+fn convert_raw(img: &str, args: &[&str], tag: &str) -> Vec<u8> {
+    let out = format!("{img}.{tag}.raw");
+    let mut a = vec!["convert"];
+    a.extend_from_slice(args);
+    a.extend(["-O", "raw", img, &out]);
+    qemu_img(&a);
     let data = std::fs::read(&out).unwrap();
     let _ = std::fs::remove_file(&out);
     data
+}
+
+/// What `qemu-img convert -O raw` makes of the image.
+pub fn qemu_raw(img: &str) -> Vec<u8> {
+    convert_raw(img, &[], "ref")
+}
+
+/// The raw contents of internal snapshot `name`, as `qemu-img convert
+/// -l` reads it.
+pub fn snapshot_raw(img: &str, name: &str) -> Vec<u8> {
+    convert_raw(img, &["-l", &format!("snapshot.name={name}")], name)
 }
 
 /// An image opened through sluice as `qemu-img` would: probed format, a
@@ -168,9 +194,8 @@ fn expand(out: &mut [Unit], unit: u64, start: u64, len: u64, u: Unit) {
 pub async fn assert_map_matches(img: &str, o: &Opened, unit: u64) {
     let size = o.node.size();
     let n = size.div_ceil(unit) as usize;
-    let json: Value = serde_json::from_str(&qemu_img(&["map", "--output=json", img])).unwrap();
     let mut want = vec![(false, false, false, None, None); n];
-    for e in json.as_array().unwrap() {
+    for e in qemu_map(img) {
         let present = e["present"].as_bool().unwrap();
         let u = (
             present,
@@ -261,24 +286,43 @@ pub fn read_be(path: &str, offset: u64, len: usize) -> u64 {
     buf.iter().fold(0, |a, &b| (a << 8) | u64::from(b))
 }
 
+/// The refcount block that holds the `bytes`-byte refcount of cluster
+/// `k` (0: none), and the refcount's offset in it.
+fn refcount_slot(path: &str, k: u64, bytes: u64) -> (u64, u64) {
+    let cb = read_be(path, 20, 4);
+    let rt = read_be(path, 48, 8);
+    let per = (1u64 << cb) / bytes;
+    let block = read_be(path, rt + (k / per) * 8, 8);
+    (block, (k % per) * bytes)
+}
+
 /// Sets the 16-bit refcount of cluster `k` of a qcow2 image (default
 /// refcount width) in place, bypassing everything.
 pub fn poke_refcount16(path: &str, k: u64, v: u16) {
-    let cb = read_be(path, 20, 4);
-    let rt = read_be(path, 48, 8);
-    let per = (1u64 << cb) / 2;
-    let block = read_be(path, rt + (k / per) * 8, 8);
+    let (block, at) = refcount_slot(path, k, 2);
     assert_ne!(block, 0, "{path}: no refcount block for cluster {k}");
-    patch(path, block + (k % per) * 2, &v.to_be_bytes());
+    patch(path, block + at, &v.to_be_bytes());
 }
 
 /// The stored 16-bit refcount of cluster `k`.
 pub fn peek_refcount16(path: &str, k: u64) -> u64 {
-    let cb = read_be(path, 20, 4);
-    let rt = read_be(path, 48, 8);
-    let per = (1u64 << cb) / 2;
-    let block = read_be(path, rt + (k / per) * 8, 8);
-    read_be(path, block + (k % per) * 2, 2)
+    peek_refcount_bytes(path, k, 2)
+}
+
+fn peek_refcount_bytes(path: &str, k: u64, bytes: u64) -> u64 {
+    let (block, at) = refcount_slot(path, k, bytes);
+    read_be(path, block + at, bytes as usize)
+}
+
+/// The stored refcount of cluster `k`, of the image's width (16 bits
+/// for version 2; the test images use 8 or 16).
+pub fn peek_refcount(path: &str, k: u64) -> u64 {
+    let order = read_be(path, 96, 4);
+    if read_be(path, 4, 4) < 3 || order == 4 {
+        return peek_refcount16(path, k);
+    }
+    assert_eq!(order, 3, "test images use 8 or 16-bit refcounts");
+    peek_refcount_bytes(path, k, 1)
 }
 
 /// Offset of the L2 entry for guest offset `guest` (standard entries).
@@ -324,6 +368,12 @@ pub fn qemu_check_text(img: &str) -> (i32, String) {
 /// `qemu-img info --output=json`.
 pub fn qemu_info(img: &str) -> Value {
     serde_json::from_str(&qemu_img(&["info", "--output=json", img])).unwrap()
+}
+
+/// `qemu-img map --output=json`'s entries.
+pub fn qemu_map(img: &str) -> Vec<Value> {
+    let v: Value = serde_json::from_str(&qemu_img(&["map", "--output=json", img])).unwrap();
+    v.as_array().unwrap().clone()
 }
 
 /// `qemu-img check` finds no errors and no leaks.

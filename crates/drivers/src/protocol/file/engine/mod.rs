@@ -101,6 +101,10 @@ pub trait IoEngine: Send + Sync + 'static {
     /// `ftruncate(fd, len)`.
     fn truncate(&self, fd: &Arc<OwnedFd>, len: u64) -> IoFuture;
 
+    /// Starts writeback of the dirty pages of `[offset, offset + len)`
+    /// without waiting for it (`sync_file_range(SYNC_FILE_RANGE_WRITE)`).
+    fn start_writeback(&self, fd: &Arc<OwnedFd>, offset: u64, len: u64) -> IoFuture;
+
     /// Operations started and not finished yet, including those whose
     /// futures were dropped (a diagnostic; other users of the process-wide
     /// engine count too).

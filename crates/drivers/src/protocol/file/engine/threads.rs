@@ -264,6 +264,19 @@ impl IoEngine for ThreadPool {
         })
     }
 
+    fn start_writeback(&self, fd: &Arc<OwnedFd>, offset: u64, len: u64) -> IoFuture {
+        pool().run(fd.clone(), move |fd| {
+            let (off, len) = (to_off(offset)?, to_off(len)?);
+            retry_eintr(|| {
+                // SAFETY: plain syscall on a valid fd.
+                let ret = unsafe {
+                    libc::sync_file_range(fd.as_raw_fd(), off, len, libc::SYNC_FILE_RANGE_WRITE)
+                };
+                cvt(ret.into())
+            })
+        })
+    }
+
     fn pending(&self) -> usize {
         let st = self.state.lock();
         st.queue.len() + st.running

@@ -814,6 +814,11 @@ impl<const BATCH: bool> IoEngine for Uring<BATCH> {
         super::threads::pool().truncate(fd, len)
     }
 
+    fn start_writeback(&self, fd: &Arc<OwnedFd>, offset: u64, len: u64) -> IoFuture {
+        // Rare enough (bulk copies) not to need its own opcode here.
+        super::threads::pool().start_writeback(fd, offset, len)
+    }
+
     fn pending(&self) -> usize {
         UringEngine::this().pending()
     }
