@@ -26,19 +26,6 @@ use std::sync::Arc;
 /// Alignment of every buffer: enough for O_DIRECT on 4 KiB-sector devices.
 pub const BUF_ALIGN: usize = 4096;
 
-/// Buffers of whole huge pages are aligned to them, so that the kernel
-/// can back them with huge pages: fewer TLB misses in the copies into and
-/// out of them.
-const HUGE_PAGE: usize = 2 << 20;
-
-fn align_for(len: usize) -> usize {
-    if len.is_multiple_of(HUGE_PAGE) {
-        HUGE_PAGE
-    } else {
-        BUF_ALIGN
-    }
-}
-
 /// One aligned heap allocation. Never resized; freed (or given back to the
 /// [`pool`]) when the last `Arc` goes.
 pub struct Alloc {
@@ -61,14 +48,10 @@ impl Alloc {
                 fresh: true,
             };
         }
-        let layout = Layout::from_size_align(len, align_for(len)).expect("buffer layout");
+        let layout = Layout::from_size_align(len, BUF_ALIGN).expect("buffer layout");
         // SAFETY: layout has non-zero size.
         let raw = unsafe { alloc_zeroed(layout) };
         let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
-        if layout.align() == HUGE_PAGE {
-            // SAFETY: advice on memory we own, aligned and sized in whole pages.
-            unsafe { libc::madvise(raw.cast(), len, libc::MADV_HUGEPAGE) };
-        }
         Alloc {
             ptr,
             len,
@@ -99,7 +82,7 @@ impl Drop for Alloc {
         };
         if let Some(me) = pool::give(me) {
             // Not kept: free it. `me` is forgotten so that this does not recurse.
-            let layout = Layout::from_size_align(me.len, align_for(me.len)).expect("buffer layout");
+            let layout = Layout::from_size_align(me.len, BUF_ALIGN).expect("buffer layout");
             let raw = me.ptr.as_ptr();
             std::mem::forget(me);
             // SAFETY: allocated in `new_zeroed` with this layout; `self` is

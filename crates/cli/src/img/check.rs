@@ -80,6 +80,10 @@ pub fn run(args: CheckArgs) -> ExitCode {
         Some(_) => return common::fail(63, "This image format does not support checks"),
         None => return common::fail(1, &could_not("Parameter 'driver' is missing".into())),
     }
+    // A header that cannot be read is the check's to report.
+    if let Err(e) = common::backing_chain_opens(&spec) {
+        return common::fail(1, &e);
+    }
     let file_opts = opts.get("file").cloned().unwrap_or(Value::Null);
     if args.force_share && repair.is_some() {
         return common::fail(

@@ -31,10 +31,10 @@ fn keep_buffers_on_heap() {
     }
 }
 
-/// For the commands whose writes are one bulk copy ended by a flush
-/// (convert, commit, rebase): the disk starts writing as the copy goes.
+/// For the commands whose writes are one bulk copy (convert, commit,
+/// rebase): see `sluice_drivers::protocol::file::set_bulk_copy`.
 pub fn bulk_copy_writes() {
-    sluice_drivers::protocol::file::set_write_behind(true);
+    sluice_drivers::protocol::file::set_bulk_copy(true);
 }
 
 /// Runs `fut` on a small multi-threaded runtime; I/O engine threads left
@@ -131,6 +131,28 @@ fn deep_merge(dst: &mut Value, src: Value) {
         }
         (d, s) => *d = s,
     }
+}
+
+/// For the commands that work on an image's own metadata without its
+/// backing chain (check, resize, snapshot): qemu-img opens the chain all
+/// the same, so a backing file that cannot be opened fails them too.
+/// Images named by options, and headers that cannot be read, pass (the
+/// command's own open reports those).
+pub fn backing_chain_opens(spec: &OpenSpec) -> Result<(), String> {
+    if spec.image_opts || spec.name.starts_with("json:") {
+        return Ok(());
+    }
+    let Ok(h) = sluice_qcow2::chain::read_header_file(&spec.name) else {
+        return Ok(());
+    };
+    sluice_qcow2::chain::resolve(Some(&spec.name), &h)
+        .map(drop)
+        .map_err(|e| {
+            format!(
+                "Could not open '{}': Could not open backing file: {e}",
+                spec.name
+            )
+        })
 }
 
 /// The block options qemu-img builds for `spec`: a `json:` filename, a

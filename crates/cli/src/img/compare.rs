@@ -9,6 +9,7 @@ use futures::stream::{FuturesOrdered, StreamExt};
 use sluice_core::error::os_text;
 use sluice_core::{IoBuf, Root};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 #[derive(clap::Args, Debug)]
 pub struct CompareArgs {
@@ -65,18 +66,23 @@ enum Outcome {
     Error(u8, String),
 }
 
-struct Side<'a> {
-    root: &'a Root,
-    name: &'a str,
+/// One image of the two: its root and the name messages give it.
+#[derive(Clone)]
+struct Side {
+    root: Arc<Root>,
+    name: Arc<str>,
 }
 
-impl<'a> Side<'a> {
-    fn new(root: &'a Root, name: &'a str) -> Side<'a> {
-        Side { root, name }
+impl Side {
+    fn new(root: &Arc<Root>, name: &str) -> Side {
+        Side {
+            root: root.clone(),
+            name: name.into(),
+        }
     }
 }
 
-async fn read_side(s: &Side<'_>, off: u64, len: u64) -> Result<IoBuf, Outcome> {
+async fn read_side(s: &Side, off: u64, len: u64) -> Result<IoBuf, Outcome> {
     s.root.read(off, len as usize).await.map_err(|e| {
         Outcome::Error(
             4,
@@ -89,31 +95,42 @@ async fn read_side(s: &Side<'_>, off: u64, len: u64) -> Result<IoBuf, Outcome> {
     })
 }
 
-/// Reads `len` bytes at `off` of both sides (`b` absent: only `a`, to be
-/// compared against zeroes).
-async fn read_chunk(
-    a: &Side<'_>,
-    b: Option<&Side<'_>>,
+/// What one chunk showed: where in it the sides first differ (`b`
+/// absent: where `a` is first not zero), or why it could not be read.
+type ChunkResult = (u64, u64, Result<Option<usize>, Outcome>);
+
+/// Reads and compares `len` bytes at `off` of both sides (`b` absent:
+/// `a` against zeroes) in a task of its own, so that the chunks in
+/// flight are read and compared on every worker thread.
+fn check_chunk(
+    a: &Side,
+    b: Option<&Side>,
     off: u64,
     len: u64,
-) -> (u64, u64, Result<(IoBuf, Option<IoBuf>), Outcome>) {
-    let r = match b {
-        Some(b) => {
-            let (x, y) = futures::join!(read_side(a, off, len), read_side(b, off, len));
-            x.and_then(|x| Ok((x, Some(y?))))
-        }
-        None => read_side(a, off, len).await.map(|x| (x, None)),
-    };
-    (off, len, r)
+) -> impl std::future::Future<Output = ChunkResult> {
+    let (a, b) = (a.clone(), b.cloned());
+    let task = tokio::spawn(async move {
+        let r = match b {
+            Some(b) => {
+                let (x, y) = futures::join!(read_side(&a, off, len), read_side(&b, off, len));
+                x.and_then(|x| Ok(first_difference(&x, &y?)))
+            }
+            None => read_side(&a, off, len).await.map(|x| first_nonzero(&x)),
+        };
+        (off, len, r)
+    });
+    async move {
+        task.await.unwrap_or_else(|e| {
+            (
+                off,
+                len,
+                Err(Outcome::Error(4, format!("comparison task failed: {e}"))),
+            )
+        })
+    }
 }
 
-async fn compare(
-    a: Side<'_>,
-    b: Side<'_>,
-    strict: bool,
-    quiet: bool,
-    progress: &Progress,
-) -> Outcome {
+async fn compare(a: Side, b: Side, strict: bool, quiet: bool, progress: &Progress) -> Outcome {
     let (size_a, size_b) = (a.root.size(), b.root.size());
     if strict && size_a != size_b {
         return Outcome::Differ("Strict mode: Image size mismatch!".into());
@@ -132,11 +149,11 @@ async fn compare(
         while off < common_len && pending.len() < AHEAD && stop.is_none() {
             let ea = match common::extent_at(&a.root.node(), off, common_len - off).await {
                 Ok(e) => e,
-                Err(_) => return status_err(a.name),
+                Err(_) => return status_err(&a.name),
             };
             let eb = match common::extent_at(&b.root.node(), off, common_len - off).await {
                 Ok(e) => e,
-                Err(_) => return status_err(b.name),
+                Err(_) => return status_err(&b.name),
             };
             if strict && (ea.present, ea.zero, ea.data) != (eb.present, eb.zero, eb.data) {
                 stop = Some(Outcome::Differ(format!(
@@ -152,22 +169,17 @@ async fn compare(
             }
             let len = len.min(CHUNK);
             let at = off;
-            pending.push_back(read_chunk(&a, Some(&b), at, len));
+            pending.push_back(check_chunk(&a, Some(&b), at, len));
             off += len;
         }
         let Some((at, len, r)) = pending.next().await else {
             break;
         };
         match r {
-            Ok((x, Some(y))) => {
-                if let Some(d) = first_difference(&x, &y) {
-                    return Outcome::Differ(format!(
-                        "Content mismatch at offset {}!",
-                        at + d as u64
-                    ));
-                }
+            Ok(Some(d)) => {
+                return Outcome::Differ(format!("Content mismatch at offset {}!", at + d as u64))
             }
-            Ok(_) => {}
+            Ok(None) => {}
             Err(o) => return o,
         }
         progress.set(at + len, total);
@@ -189,7 +201,7 @@ async fn compare(
         while off < long_size && pending.len() < AHEAD {
             let e = match common::extent_at(&long.root.node(), off, long_size - off).await {
                 Ok(e) => e,
-                Err(_) => return status_err(long.name),
+                Err(_) => return status_err(&long.name),
             };
             if e.zero {
                 off += e.length;
@@ -197,21 +209,17 @@ async fn compare(
             }
             let len = e.length.min(CHUNK);
             let at = off;
-            pending.push_back(read_chunk(long, None, at, len));
+            pending.push_back(check_chunk(long, None, at, len));
             off += len;
         }
         let Some((at, len, r)) = pending.next().await else {
             break;
         };
         match r {
-            Ok((x, _)) => {
-                if let Some(d) = first_nonzero(&x) {
-                    return Outcome::Differ(format!(
-                        "Content mismatch at offset {}!",
-                        at + d as u64
-                    ));
-                }
+            Ok(Some(d)) => {
+                return Outcome::Differ(format!("Content mismatch at offset {}!", at + d as u64))
             }
+            Ok(None) => {}
             Err(o) => return o,
         }
         progress.set(at + len, total);

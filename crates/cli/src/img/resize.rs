@@ -169,6 +169,9 @@ pub fn run(args: ResizeArgs) -> ExitCode {
         no_backing: true,
         ..OpenSpec::default()
     };
+    if let Err(e) = common::backing_chain_opens(&spec) {
+        return common::fail(1, &e);
+    }
     let shrink = p.shrink;
     let res = common::block_on(async move {
         let img = common::open(&spec).await?;

@@ -77,6 +77,9 @@ pub fn run(args: SnapshotArgs) -> ExitCode {
         no_backing: true,
         ..OpenSpec::default()
     };
+    if let Err(e) = common::backing_chain_opens(&spec) {
+        return common::fail(1, &e);
+    }
     let probed = (args.format.is_none() && !args.image_opts).then(|| filename.clone());
     let res = common::block_on(async move {
         let img = common::open(&spec).await?;
@@ -99,6 +102,9 @@ fn list(args: &SnapshotArgs, filename: &str) -> ExitCode {
         no_backing: true,
         ..OpenSpec::default()
     };
+    if let Err(e) = common::backing_chain_opens(&spec) {
+        return common::fail(1, &e);
+    }
     let res = common::block_on(async move {
         let img = common::open(&spec).await?;
         let facts = qcow2_facts(&img.node()).await;

@@ -202,20 +202,37 @@ pub struct FileDriver {
     reserved_end: AtomicU64,
     /// Cleared when the file system cannot reserve (or is full).
     reserve_ok: AtomicBool,
-    /// Start writeback of each write at once: see [`set_write_behind`].
+    /// Large writes are parts of one bulk copy: see [`set_bulk_copy`].
+    bulk: bool,
+    /// With `bulk`, start writeback of each write at once (the cache mode
+    /// flushes, and not through `O_DIRECT`).
     write_behind: bool,
+    /// The end of the file as far as this driver knows (its length at
+    /// open, after truncations, and the end of every write): a bulk write
+    /// below it may fill a hole, one past it is an append.
+    known_end: AtomicU64,
 }
 
-static WRITE_BEHIND: AtomicBool = AtomicBool::new(false);
+static BULK_COPY: AtomicBool = AtomicBool::new(false);
 
-/// Makes `file` nodes opened from now on in this process start the
-/// writeback of every buffered write as soon as it is written (when their
-/// cache mode flushes at all). For bulk copies that end in a flush
-/// (`qemu-img commit`, `rebase`, `convert -t writeback`): the disk then
-/// writes while the copy goes on, instead of all at the final flush. Not
-/// for guests, whose rewrites of the same blocks the page cache absorbs.
-pub fn set_write_behind(on: bool) {
-    WRITE_BEHIND.store(on, Ordering::Relaxed);
+/// Large writes (at least this) of a bulk copy allocate their blocks first.
+const BULK_ALLOC_MIN: u64 = 256 << 10;
+
+/// Makes `file` nodes opened from now on in this process treat their
+/// writes as one bulk copy (`qemu-img convert`, `commit`, `rebase`), two
+/// ways:
+/// * a large write into a hole first allocates its blocks in one
+///   `fallocate` (cheaper on ext4 than allocating page by page as the
+///   data arrives; the write then covers them all, so nothing reads
+///   differently and no more space is used);
+/// * when the cache mode flushes, each write's writeback starts at once,
+///   so the disk writes while the copy goes on rather than all at the
+///   final flush.
+///
+/// Not for guests (the daemon), whose small rewrites of the same blocks
+/// the page cache absorbs.
+pub fn set_bulk_copy(on: bool) {
+    BULK_COPY.store(on, Ordering::Relaxed);
 }
 
 /// How far past an appending write the file is reserved: an eighth of
@@ -322,7 +339,9 @@ pub async fn open(
         page_cache_inconsistent: AtomicI32::new(0),
         reserved_end: AtomicU64::new(size),
         reserve_ok: AtomicBool::new(!read_only),
-        write_behind: WRITE_BEHIND.load(Ordering::Relaxed) && !cache.no_flush && !cache.direct,
+        bulk: BULK_COPY.load(Ordering::Relaxed),
+        write_behind: BULK_COPY.load(Ordering::Relaxed) && !cache.no_flush && !cache.direct,
+        known_end: AtomicU64::new(size),
     };
     driver
         .lock_perms(default_perms(read_only))
@@ -565,6 +584,7 @@ impl FileDriver {
             .await
             .map_err(|e| Error::io(&self.filename, "truncate", size, 0, e))?;
         self.reserved_end.store(size, Ordering::Release);
+        self.known_end.store(size, Ordering::Release);
         Ok(())
     }
 
@@ -907,6 +927,17 @@ impl BlockDriver for FileDriver {
     async fn write(&self, node: &Node, offset: u64, buf: IoBytes, flags: WriteFlags) -> Result<()> {
         let len = buf.len() as u64;
         self.reserve_ahead(offset + len).await;
+        if self.bulk && len >= BULK_ALLOC_MIN {
+            if offset + len <= self.known_end.load(Ordering::Acquire) {
+                // Best effort: the write allocates what this did not. On
+                // the write engine: io_uring hands fallocate to its workers.
+                let _ = self
+                    .write_engine
+                    .fallocate(&self.fd(), libc::FALLOC_FL_KEEP_SIZE, offset, len)
+                    .await;
+            }
+            self.known_end.fetch_max(offset + len, Ordering::AcqRel);
+        }
         self.write_bytes(offset, &buf)
             .await
             .map_err(|e| Error::io(node.name(), "write", offset, len, e))?;
