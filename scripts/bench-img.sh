@@ -91,6 +91,7 @@ CASES=(
     "convert -O qcow2 top.qcow2 out.qcow2"
     "convert -O qcow2 -W -m 16 top.qcow2 out.qcow2"
     "convert -O raw top.qcow2 out.raw"
+    "convert -O raw -W -m 16 top.qcow2 out.raw"
     "compare top.qcow2 flat.qcow2"
     "check flat.qcow2"
     'rebase -b "" ovl.qcow2'
