@@ -126,33 +126,7 @@ impl ImageInfo {
 
     /// qcow2's `format-specific` data, in QEMU's key order.
     fn specific(&self) -> Option<J> {
-        let h = &self.qcow2.as_ref()?.header;
-        let mut d = J::obj();
-        if h.version < 3 {
-            d.set("compat", "0.10".into());
-            d.set("compression-type", h.compression_type.name().into());
-            d.set("refcount-bits", h.refcount_bits().into());
-        } else {
-            d.set("compat", "1.1".into());
-            d.set("compression-type", h.compression_type.name().into());
-            d.set(
-                "lazy-refcounts",
-                (h.compatible_features & compat::LAZY_REFCOUNTS != 0).into(),
-            );
-            d.set("refcount-bits", h.refcount_bits().into());
-            if h.has_data_file() {
-                if let Some(df) = &h.data_file {
-                    d.set("data-file", df.clone().into());
-                }
-                d.set(
-                    "data-file-raw",
-                    (h.autoclear_features & autoclear::DATA_FILE_RAW != 0).into(),
-                );
-            }
-            d.set("corrupt", h.is_corrupt().into());
-            d.set("extended-l2", h.has_extended_l2().into());
-        }
-        Some(J::obj().with("type", "qcow2").with("data", d))
+        Some(qcow2_specific(&self.qcow2.as_ref()?.header))
     }
 
     fn to_json(&self) -> J {
@@ -242,17 +216,8 @@ impl ImageInfo {
                 s += &snapshot_table(&q.snapshots);
             }
         }
-        if let Some(J::Obj(spec)) = self.specific() {
-            s += "Format specific information:\n";
-            if let Some((_, J::Obj(data))) = spec.iter().find(|(k, _)| k == "data") {
-                for (k, v) in data {
-                    let v = match v {
-                        J::Str(t) => t.clone(),
-                        other => other.compact(),
-                    };
-                    s += &format!("    {}: {v}\n", k.replace('-', " "));
-                }
-            }
+        if let Some(spec) = self.specific() {
+            s += &specific_human(&spec);
         }
         if let Some(f) = &self.file_child {
             s += "Child node '/file':\n";
@@ -432,4 +397,71 @@ pub fn run(args: InfoArgs) -> ExitCode {
     };
     print!("{text}");
     ExitCode::SUCCESS
+}
+
+/// qcow2's `format-specific` data (`qemu-img info`'s, `qemu-io info`'s),
+/// in QEMU's key order.
+pub fn qcow2_specific(h: &Header) -> J {
+    let mut d = J::obj();
+    if h.version < 3 {
+        d.set("compat", "0.10".into());
+        d.set("compression-type", h.compression_type.name().into());
+        d.set("refcount-bits", h.refcount_bits().into());
+    } else {
+        d.set("compat", "1.1".into());
+        d.set("compression-type", h.compression_type.name().into());
+        d.set(
+            "lazy-refcounts",
+            (h.compatible_features & compat::LAZY_REFCOUNTS != 0).into(),
+        );
+        d.set("refcount-bits", h.refcount_bits().into());
+        if h.has_data_file() {
+            if let Some(df) = &h.data_file {
+                d.set("data-file", df.clone().into());
+            }
+            d.set(
+                "data-file-raw",
+                (h.autoclear_features & autoclear::DATA_FILE_RAW != 0).into(),
+            );
+        }
+        d.set("corrupt", h.is_corrupt().into());
+        d.set("extended-l2", h.has_extended_l2().into());
+    }
+    J::obj().with("type", "qcow2").with("data", d)
+}
+
+/// The human form of `format-specific` data: "Format specific
+/// information:" and its fields, indented.
+pub fn specific_human(spec: &J) -> String {
+    let mut s = String::from("Format specific information:\n");
+    if let J::Obj(spec) = spec {
+        if let Some((_, J::Obj(data))) = spec.iter().find(|(k, _)| k == "data") {
+            for (k, v) in data {
+                let v = match v {
+                    J::Str(t) => t.clone(),
+                    other => other.compact(),
+                };
+                s += &format!("    {}: {v}\n", k.replace('-', " "));
+            }
+        }
+    }
+    s
+}
+
+/// What `qemu-io`'s `info` says of a qcow2 node past its format name:
+/// the cluster size, where a VM state would start (after the guest
+/// clusters the L1 table can map, QEMU's `qcow2_vm_state_offset`), and
+/// the format-specific information. `None` for other formats.
+pub async fn qcow2_io_info(node: &Node) -> Result<Option<(u64, u64, String)>, String> {
+    let Some(f) = qcow2_facts(node).await? else {
+        return Ok(None);
+    };
+    let h = &f.header;
+    let shift = h.cluster_bits + h.l2_bits();
+    let vm_state = h.size.div_ceil(1 << shift) << shift;
+    Ok(Some((
+        h.cluster_size(),
+        vm_state,
+        specific_human(&qcow2_specific(h)),
+    )))
 }

@@ -10,7 +10,7 @@ mod compare;
 mod compress;
 mod convert;
 mod create;
-mod info;
+pub(crate) mod info;
 mod json;
 mod map;
 mod measure;

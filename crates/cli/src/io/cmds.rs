@@ -342,7 +342,7 @@ pub async fn command(s: &mut Session, line: &str) -> i32 {
             Err(e) => -e.errno(),
         },
         "help" => help(args),
-        "info" => info(s),
+        "info" => info(s).await,
         "length" => {
             out(&format!("{}\n", cvtstr(root(s).size() as f64)));
             0
@@ -1149,7 +1149,7 @@ fn get_info(node: &Arc<Node>, depth: u32) -> Result<(), i32> {
     }
 }
 
-fn info(s: &mut Session) -> i32 {
+async fn info(s: &mut Session) -> i32 {
     let mut node = root(s).node();
     // qemu-io's -C is a flag on the image, not a node: look through ours.
     if s.blk.as_ref().is_some_and(|b| b.copy_on_read) {
@@ -1164,10 +1164,21 @@ fn info(s: &mut Session) -> i32 {
         text.push_str(&format!("format name: {name}\n"));
     }
     let ret = match get_info(&node, 0) {
-        Ok(()) => {
-            text.push_str("cluster size: 0 bytes\nvm state offset: 0 bytes\n");
-            0
-        }
+        Ok(()) => match crate::img::info::qcow2_io_info(&node).await {
+            Ok(Some((cluster, vm_state, specific))) => {
+                text.push_str(&format!(
+                    "cluster size: {}\nvm state offset: {}\n{specific}",
+                    cvtstr(cluster as f64),
+                    cvtstr(vm_state as f64)
+                ));
+                0
+            }
+            Ok(None) => {
+                text.push_str("cluster size: 0 bytes\nvm state offset: 0 bytes\n");
+                0
+            }
+            Err(_) => -EIO,
+        },
         Err(e) => e,
     };
     out(&text);
