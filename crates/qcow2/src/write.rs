@@ -1842,7 +1842,7 @@ impl Writer {
                 return Ok(());
             }
         }
-        if !flags.copy_on_read && !d.layout().extended_l2 {
+        if !d.layout().extended_l2 {
             return self.write_alloc(d, node, &file, offset, data, flags).await;
         }
         let mut st = self.lock_range(offset, len, cs).await;
@@ -1927,12 +1927,17 @@ impl Writer {
                 let at = done as usize;
                 let (l2_off, idx) = Self::l2_for_write(d, file, &mut st, guest).await?;
                 let word = d.l2_table(file, l2_off).await?[idx];
-                match Self::decode(d, word, guest)? {
-                    L2Entry::Normal { host } if word & COPIED != 0 => plan.push(Piece::InPlace {
-                        host: host + within,
-                        at,
-                        n,
-                    }),
+                let entry = Self::decode(d, word, guest)?;
+                match entry {
+                    L2Entry::Normal { host } if word & COPIED != 0 && !flags.copy_on_read => plan
+                        .push(Piece::InPlace {
+                            host: host + within,
+                            at,
+                            n,
+                        }),
+                    // A copy-on-read write fills only what the image does
+                    // not hold yet: a guest write may have got there first.
+                    _ if flags.copy_on_read && entry != L2Entry::Unallocated => {}
                     old => {
                         // A cluster's refcount may reach the file before
                         // its entry does (a leak at worst), never after.
@@ -1966,16 +1971,39 @@ impl Writer {
         while written < plan.len() {
             let (step, r) = match plan[written] {
                 Piece::InPlace { host, at, n } => {
+                    // Neighbours in the request and in the file: one write.
+                    let (mut k, mut len) = (1, n);
+                    while let Some(Piece::InPlace {
+                        host: h,
+                        at: a,
+                        n: m,
+                    }) = plan.get(written + k)
+                    {
+                        if *h != host + len as u64 || *a != at + len {
+                            break;
+                        }
+                        len += m;
+                        k += 1;
+                    }
                     file.debug_event(DebugEvent::WriteAio).await;
                     let r = dnode
-                        .write(host, data.slice(at..at + n), WriteFlags::default())
+                        .write(host, data.slice(at..at + len), WriteFlags::default())
                         .await;
-                    (1, r)
+                    (k, r)
                 }
                 Piece::New { host, at, n, .. } if n as u64 == cs => {
                     let mut k = 1;
-                    while let Some(Piece::New { host: h, n: m, .. }) = plan.get(written + k) {
-                        if *m as u64 != cs || *h != host + k as u64 * cs {
+                    while let Some(Piece::New {
+                        host: h,
+                        at: a,
+                        n: m,
+                        ..
+                    }) = plan.get(written + k)
+                    {
+                        // Whole clusters next to each other both in the
+                        // file and in the request (a copy-on-read write
+                        // skips clusters already there).
+                        if *m as u64 != cs || *h != host + k as u64 * cs || *a != at + k * n {
                             break;
                         }
                         k += 1;
