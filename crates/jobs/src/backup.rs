@@ -24,8 +24,8 @@ use sluice_core::{
 };
 use std::sync::Arc;
 
-/// Clusters the job copies at once.
-const IN_FLIGHT: u64 = 16;
+/// Windows (of up to `MAX_RUN`) the job copies at once.
+const IN_FLIGHT: u64 = 4;
 
 /// What `blockdev-backup` asks for, with its nodes resolved.
 pub struct BackupParams {
@@ -73,42 +73,78 @@ impl State {
             )
         })?;
         let cs = self.owed.lock().granularity();
+        let size = source.size();
         let mut copied = 0;
-        let start = offset / cs * cs;
-        let end = (offset + len).min(source.size());
-        let mut pos = start;
+        let end = (offset + len).min(size);
+        let mut pos = offset / cs * cs;
         while pos < end {
-            let n = cs.min(source.size() - pos);
-            let _g = self.busy.lock(pos, n).await;
-            if self.owed.lock().is_set(pos / cs) {
-                let zero = matches!(
-                    source.block_status(pos, n).await,
-                    Ok(DriverStatus::Zero { len, .. }) if len >= n
-                );
+            // A run of owed clusters, copied with as few requests as its
+            // status allows (QEMU's block-copy: up to 1 MiB at once).
+            let owed_from = |at: u64| {
+                let owed = self.owed.lock();
+                let mut run = 0;
+                while at + run < end && run < MAX_RUN && owed.is_set((at + run) / cs) {
+                    run += cs;
+                }
+                run.min(size - at)
+            };
+            if owed_from(pos) == 0 {
+                pos += cs;
+                continue;
+            }
+            // The range this call may copy, and no more: windows side by
+            // side do not wait for each other.
+            let reach = MAX_RUN.min(end.div_ceil(cs) * cs - pos).min(size - pos);
+            let _g = self.busy.lock(pos, reach).await;
+            // Copied meanwhile (by a guest write's copy-before-write)?
+            let run = owed_from(pos);
+            if run == 0 {
+                pos += cs;
+                continue;
+            }
+            let run_end = pos + run;
+            let mut p = pos;
+            while p < run_end {
+                let rest = run_end - p;
+                let (n, zero) = match source.block_status(p, rest).await {
+                    Ok(DriverStatus::Zero { len, .. }) if len >= rest => (rest, true),
+                    Ok(DriverStatus::Zero { len, .. }) if len >= cs => (len / cs * cs, true),
+                    // Data (or a zero run shorter than a cluster) goes in
+                    // whole clusters.
+                    Ok(st) => (
+                        st.len().div_ceil(cs).saturating_mul(cs).max(cs).min(rest),
+                        false,
+                    ),
+                    Err(_) => (rest, false),
+                };
                 if zero {
                     target
-                        .write_zeroes(pos, n, ZeroFlags::default())
+                        .write_zeroes(p, n, ZeroFlags::default())
                         .await
                         .map_err(|e| (false, e))?;
                 } else {
                     let mut buf = IoBuf::recycled(n as usize);
                     source
-                        .read(pos, buf.as_read_buf())
+                        .read(p, buf.as_read_buf())
                         .await
                         .map_err(|e| (true, e))?;
                     target
-                        .write(pos, buf.freeze(), WriteFlags::default())
+                        .write(p, buf.freeze(), WriteFlags::default())
                         .await
                         .map_err(|e| (false, e))?;
                 }
-                self.owed.lock().clear(pos, n);
+                self.owed.lock().clear(p, n);
                 copied += n;
+                p += n;
             }
-            pos += n;
+            pos = run_end;
         }
         Ok(copied)
     }
 }
+
+/// The most one copy step moves (QEMU's block-copy buffer).
+const MAX_RUN: u64 = 1 << 20;
 
 /// QEMU's `copy-before-write` filter.
 struct CopyBeforeWrite {
@@ -272,14 +308,17 @@ impl JobDriver for Backup {
             if job.is_cancelled() {
                 return Ok(());
             }
-            // Sixteen clusters at a time, copied at once; a failed step is
-            // retried whole (clusters already copied are skipped).
-            let n = (cs * IN_FLIGHT).min(size - off);
+            // IN_FLIGHT windows of up to MAX_RUN at a time, copied at once;
+            // a failed step is retried whole (clusters already copied are
+            // skipped).
+            let window = MAX_RUN.max(cs) / cs * cs;
+            let n = (window * IN_FLIGHT).min(size - off);
             let r = {
                 let _a = root.admit().await;
-                let copies = (off..off + n)
-                    .step_by(cs as usize)
-                    .map(|o| self.state.copy(&self.params.source, o, cs.min(off + n - o)));
+                let copies = (off..off + n).step_by(window as usize).map(|o| {
+                    self.state
+                        .copy(&self.params.source, o, window.min(off + n - o))
+                });
                 futures::future::join_all(copies)
                     .await
                     .into_iter()
