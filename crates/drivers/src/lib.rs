@@ -13,4 +13,4 @@ pub mod open;
 pub mod protocol;
 pub mod size;
 
-pub use open::{blockdev_add, open_node, open_with, CommonOptions};
+pub use open::{blockdev_add, open_node, open_qcow2_detached, open_with, CommonOptions};

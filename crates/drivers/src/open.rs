@@ -18,6 +18,8 @@ use crate::protocol::null::{NullDriver, NullOptions, DEFAULT_SIZE};
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 use sluice_core::{BlockDriver, Error, GraphWriter, Node, NodeName, NodeSpec, Result, Role};
+use sluice_qcow2::detached::{ChildHolder, Detached};
+use sluice_qcow2::{Qcow2Driver, Qcow2Options};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -154,14 +156,145 @@ pub fn open_node<'a>(
         let mut created = Vec::new();
         let res = open_node_inner(w, opts, implicit, inherited, &mut created).await;
         if res.is_err() {
-            // Nested children opened for a node that then failed go again.
-            for node in created.into_iter().rev() {
-                let drained = w.drain(&node).await;
-                let _ = w.delete_node(&drained, &node).await;
-            }
+            delete_created(w, created).await;
         }
         res
     })
+}
+
+/// Nested children opened for a node that then failed go again.
+async fn delete_created(w: &GraphWriter<'_>, created: Vec<Arc<Node>>) {
+    for node in created.into_iter().rev() {
+        let drained = w.drain(&node).await;
+        let _ = w.delete_node(&drained, &node).await;
+    }
+}
+
+/// What a node's children inherit from it.
+fn child_inherit(common: &CommonOptions) -> CommonOptions {
+    CommonOptions {
+        driver: String::new(),
+        node_name: None,
+        read_only: common.read_only,
+        cache: common.cache,
+    }
+}
+
+/// Opens a qcow2 image from options as [`open_with`] does (the same
+/// options, children and messages), but hands its one qcow2 driver to
+/// the caller, for a change of the image's whole metadata
+/// ([`sluice_qcow2::detached`]): the image's node in the graph only holds
+/// its children.
+pub async fn open_qcow2_detached(
+    w: &GraphWriter<'_>,
+    opts: Value,
+    cache: CacheMode,
+    read_only: bool,
+) -> Result<Detached> {
+    let inherited = CommonOptions {
+        read_only,
+        cache,
+        ..CommonOptions::default()
+    };
+    let mut created = Vec::new();
+    let res = detached_inner(w, opts, &inherited, &mut created).await;
+    if res.is_err() {
+        delete_created(w, created).await;
+    }
+    res
+}
+
+async fn detached_inner(
+    w: &GraphWriter<'_>,
+    opts: Value,
+    inherited: &CommonOptions,
+    created: &mut Vec<Arc<Node>>,
+) -> Result<Detached> {
+    let (common, map) = split_common(opts, inherited)?;
+    if common.driver != "qcow2" {
+        return Err(Error::Other(format!(
+            "a qcow2 image was expected, not '{}'",
+            common.driver
+        )));
+    }
+    let (driver, options, children) =
+        qcow2_parts(w, map, &common, &child_inherit(&common), created).await?;
+    let node = w
+        .add_node(NodeSpec {
+            name: common.node_name,
+            driver: Box::new(ChildHolder),
+            size: driver.size(),
+            read_only: common.read_only,
+            children,
+            implicit: false,
+        })
+        .await?;
+    Ok(Detached {
+        driver,
+        options,
+        node,
+    })
+}
+
+/// A qcow2 image's driver, its options and its children (file, data
+/// file, backing chain), opened as its node is.
+async fn qcow2_parts(
+    w: &GraphWriter<'_>,
+    map: Map<String, Value>,
+    common: &CommonOptions,
+    child_inherit: &CommonOptions,
+    created: &mut Vec<Arc<Node>>,
+) -> Result<(Qcow2Driver, Qcow2Options, Vec<(Role, Arc<Node>)>)> {
+    let mut children = Vec::new();
+    let o = Qcow2Options::parse(map)?;
+    let f = child(w, &o.file, child_inherit, false, created).await?;
+    let d = Qcow2Driver::open(&f, &o, common.read_only).await?;
+    let image = d.filename();
+    children.push((Role::File, f));
+    let data_file = match (&o.data_file, d.header().has_data_file()) {
+        (Some(_), false) => {
+            return Err(Error::invalid_option(
+                "qcow2",
+                "'data-file' can only be set for images with an external data file",
+            ))
+        }
+        (Some(v), true) => Some(v.clone()),
+        (None, true) => match &d.header().data_file {
+            Some(name) => {
+                let path = sluice_qcow2::chain::backing_path(image.as_deref(), name)?;
+                Some(serde_json::json!({"driver": "file", "filename": path}))
+            }
+            None => {
+                return Err(Error::invalid_option(
+                    "qcow2",
+                    "Could not open data file: the image names no external data file and no 'data-file' was given",
+                ))
+            }
+        },
+        (None, false) => None,
+    };
+    if let Some(v) = data_file {
+        children.push((
+            Role::Data,
+            child(w, &v, child_inherit, false, created).await?,
+        ));
+    }
+    match &o.backing {
+        Some(Value::Null) => {}
+        Some(b) => children.push((
+            Role::Backing,
+            child(w, b, child_inherit, true, created).await?,
+        )),
+        None => {
+            let links = sluice_qcow2::chain::resolve(image.as_deref(), d.header())?;
+            if !links.is_empty() {
+                let b = open_header_chain(w, &links, child_inherit).await?;
+                created.push(b.clone());
+                children.push((Role::Backing, b));
+            }
+        }
+    }
+    Ok((d, o, children))
 }
 
 async fn open_node_inner(
@@ -173,12 +306,7 @@ async fn open_node_inner(
 ) -> Result<Arc<Node>> {
     {
         let (common, map) = split_common(opts, inherited)?;
-        let child_inherit = CommonOptions {
-            driver: String::new(),
-            node_name: None,
-            read_only: common.read_only,
-            cache: common.cache,
-        };
+        let child_inherit = child_inherit(&common);
         let mut children: Vec<(Role, Arc<Node>)> = Vec::new();
         let (driver, size): (Box<dyn BlockDriver>, u64) = match common.driver.as_str() {
             "file" => {
@@ -219,54 +347,8 @@ async fn open_node_inner(
                 (Box::new(d), size)
             }
             "qcow2" => {
-                let o = sluice_qcow2::Qcow2Options::parse(map)?;
-                let f = child(w, &o.file, &child_inherit, false, created).await?;
-                let d = sluice_qcow2::Qcow2Driver::open(&f, &o, common.read_only).await?;
-                let image = d.filename();
-                children.push((Role::File, f));
-                let data_file = match (&o.data_file, d.header().has_data_file()) {
-                    (Some(_), false) => {
-                        return Err(Error::invalid_option(
-                            "qcow2",
-                            "'data-file' can only be set for images with an external data file",
-                        ))
-                    }
-                    (Some(v), true) => Some(v.clone()),
-                    (None, true) => match &d.header().data_file {
-                        Some(name) => {
-                            let path = sluice_qcow2::chain::backing_path(image.as_deref(), name)?;
-                            Some(serde_json::json!({"driver": "file", "filename": path}))
-                        }
-                        None => {
-                            return Err(Error::invalid_option(
-                                "qcow2",
-                                "Could not open data file: the image names no external data file and no 'data-file' was given",
-                            ))
-                        }
-                    },
-                    (None, false) => None,
-                };
-                if let Some(v) = data_file {
-                    children.push((
-                        Role::Data,
-                        child(w, &v, &child_inherit, false, created).await?,
-                    ));
-                }
-                match &o.backing {
-                    Some(Value::Null) => {}
-                    Some(b) => children.push((
-                        Role::Backing,
-                        child(w, b, &child_inherit, true, created).await?,
-                    )),
-                    None => {
-                        let links = sluice_qcow2::chain::resolve(image.as_deref(), d.header())?;
-                        if !links.is_empty() {
-                            let b = open_header_chain(w, &links, &child_inherit).await?;
-                            created.push(b.clone());
-                            children.push((Role::Backing, b));
-                        }
-                    }
-                }
+                let (d, _, kids) = qcow2_parts(w, map, &common, &child_inherit, created).await?;
+                children.extend(kids);
                 let size = d.size();
                 (Box::new(d), size)
             }

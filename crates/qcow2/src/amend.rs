@@ -20,15 +20,15 @@
 //! unallocated; with one, a plain zero cluster gets a new zeroed cluster
 //! and a preallocated one keeps its host cluster, zeroed.
 //!
-//! The amend works on the image's node as the block layer opened it
-//! (its `file`, `backing` and `data-file` children) through a driver
-//! instance of its own; the node's own driver must not be used meanwhile.
+//! The amend works on an image opened detached ([`crate::detached`]):
+//! its one qcow2 driver, and a node holding its `file`, `backing` and
+//! `data-file` children as the block layer opened them.
 
+use crate::detached::Detached;
 use crate::driver::{read_meta, read_words, Mapping, Qcow2Driver};
 use crate::format::{
     autoclear, compat, ext, incompat, CompressionType, Extension, Header, OFFSET_MASK,
 };
-use crate::options::Qcow2Options;
 use sluice_core::{Error, IoBytes, Node, Result, Role, WriteFlags};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -163,38 +163,30 @@ fn plain(e: Error) -> Error {
     }
 }
 
-/// Amends the qcow2 image under `node` (opened writable, with its
-/// backing chain) as `qemu-img amend -o ...` does. `force` is QEMU's
-/// `--force` (it only matters for encryption, which sluice does not
-/// support). Refusals carry QEMU's messages and write nothing.
+/// Amends the qcow2 image `img` (opened writable, with its backing
+/// chain) as `qemu-img amend -o ...` does. `force` is QEMU's `--force`
+/// (it only matters for encryption, which sluice does not support).
+/// Refusals carry QEMU's messages and write nothing. `img`'s driver is
+/// the only one on the image file: a change of version or refcount
+/// width opens it again (the old one dropped first).
 pub async fn amend(
-    node: &Node,
+    img: &mut Detached,
     o: &AmendOptions,
     _force: bool,
     progress: ProgressFn<'_>,
 ) -> Result<()> {
-    if node.driver_name() != "qcow2" {
-        return Err(msg(format!(
-            "Format driver '{}' does not support option amendment",
-            node.driver_name()
-        )));
-    }
-    let file = node.child(Role::File).ok_or_else(|| Error::NodeClosed {
-        node: node.name().to_string(),
-    })?;
-    let opts = Qcow2Options {
-        file: serde_json::Value::String(file.name().to_string()),
-        ..Default::default()
-    };
-    let mut d = Qcow2Driver::open(&file, &opts, false).await?;
-    let Some(mut writer) = d.writer.get() else {
+    let node = img.node.clone();
+    let node = &*node;
+    let file = img.file()?;
+    let Some(mut writer) = img.driver.writer.get() else {
         return Err(Error::NotSupported {
             node: node.name().to_string(),
             driver: "qcow2",
             what: "amending a read-only qcow2 node",
         });
     };
-    let mut plan = Plan::new(&d, node, &file, o).await?;
+    let d = &img.driver;
+    let mut plan = Plan::new(d, node, &file, o).await?;
 
     // Bitmaps QEMU loaded at open survive its header rewrites.
     let h0 = d.header().clone();
@@ -219,24 +211,28 @@ pub async fn amend(
         h.header_length = crate::header_write::V3_WRITTEN_LEN;
         h.refcount_order = 4;
         h.compression_type = CompressionType::Zlib;
-        update_header(&d, &file, h, keep_bitmaps, &raw0).await?;
+        update_header(d, &file, h, keep_bitmaps, &raw0).await?;
         progress(2, 2);
     }
     let new_refcounts = plan.refcounts.is_some();
     if let Some((order, counts)) = plan.refcounts.take() {
-        writer.flush(&d, &file, true).await?;
-        change_refcount_order(&d, &file, counts, order, keep_bitmaps, &raw0).await?;
+        writer.flush(d, &file, true).await?;
+        change_refcount_order(d, &file, counts, order, keep_bitmaps, &raw0).await?;
     }
     if plan.new_version > plan.old_version || new_refcounts {
         // The driver starts over on the new header (its L2 entry layout
         // and refcount structure).
-        writer.flush(&d, &file, true).await?;
+        writer.flush(d, &file, true).await?;
         drop(writer);
-        d = Qcow2Driver::open(&file, &opts, false).await?;
-        writer = d.writer.get().ok_or_else(|| Error::NodeClosed {
+        // The old driver writes nothing more (everything is written back
+        // and the image clean): no second writer meets the new one.
+        img.driver.writer.set(None);
+        img.driver = Qcow2Driver::open(&file, &img.options, false).await?;
+        writer = img.driver.writer.get().ok_or_else(|| Error::NodeClosed {
             node: node.name().to_string(),
         })?;
     }
+    let d = &img.driver;
 
     // The data file settings, then QEMU's unconditional header rewrite.
     let mut h = d.header().clone();
@@ -248,7 +244,7 @@ pub async fn amend(
     if let Some(df) = &o.data_file {
         h.data_file = (!df.is_empty()).then(|| df.clone());
     }
-    update_header(&d, &file, h, keep_bitmaps, &raw0).await?;
+    update_header(d, &file, h, keep_bitmaps, &raw0).await?;
 
     if plan.lazy != plan.old_lazy {
         let mut h = d.header().clone();
@@ -256,26 +252,26 @@ pub async fn amend(
             h.compatible_features |= compat::LAZY_REFCOUNTS;
         } else {
             // The image is made clean first.
-            writer.flush(&d, &file, true).await?;
+            writer.flush(d, &file, true).await?;
             h = d.header().clone();
             h.compatible_features &= !compat::LAZY_REFCOUNTS;
         }
-        update_header(&d, &file, h, keep_bitmaps, &raw0).await?;
+        update_header(d, &file, h, keep_bitmaps, &raw0).await?;
         writer.set_lazy(plan.lazy).await;
     }
 
     if let Some(size) = plan.size {
-        crate::resize::truncate(&d, node, size, "off")
+        crate::resize::truncate(d, node, size, "off")
             .await
             .map_err(plain)?;
         node.set_size(size);
     }
 
     if plan.new_version < plan.old_version {
-        downgrade(&d, node, &file, &writer, keep_bitmaps, &raw0, progress).await?;
+        downgrade(d, node, &file, &writer, keep_bitmaps, &raw0, progress).await?;
     }
 
-    writer.flush(&d, &file, true).await
+    writer.flush(d, &file, true).await
 }
 
 /// What an amend will do, every refusal checked first (in the order

@@ -72,7 +72,7 @@ impl WriterSlot {
         self.0.read().clone()
     }
 
-    fn set(&self, w: Option<crate::write::Writer>) {
+    pub(crate) fn set(&self, w: Option<crate::write::Writer>) {
         *self.0.write() = w.map(Arc::new);
     }
 }

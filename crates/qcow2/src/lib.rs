@@ -7,6 +7,8 @@
 //! * [`write`](mod@write) — allocation and refcounts, copy-on-write, zero flag and
 //!   discard, in an order that keeps the image consistent after a crash.
 //! * [`chain`] — the backing chain an image header names.
+//! * [`detached`] — an image opened with its one driver outside the graph,
+//!   for whole-image metadata changes (snapshots, amend).
 //! * [`options`] — the node's options, with QEMU's names.
 
 pub mod amend;
@@ -16,6 +18,7 @@ pub mod check;
 pub mod compress;
 pub mod compressed_write;
 pub mod create;
+pub mod detached;
 pub mod driver;
 pub mod format;
 pub mod header_write;

@@ -8,20 +8,32 @@ mod common;
 
 use common::*;
 use serde_json::{json, Value};
+use sluice_drivers::open::{image_options, open_qcow2_detached};
+use sluice_drivers::protocol::file::CacheMode;
 use sluice_qcow2::amend::{amend, AmendOptions};
 
 /// Amends `img` through sluice as `qemu-img amend -o LIST` would: opened
-/// writable with its backing chain, amended, closed.
+/// writable with its backing chain (detached: one qcow2 driver), amended,
+/// closed.
 async fn sluice_amend(img: &str, list: &[(&str, &str)]) -> sluice_core::Result<()> {
     let pairs: Vec<(String, String)> = list
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
     let opts = AmendOptions::parse(&pairs)?;
-    let o = open_image(img, false).await?;
+    let graph = sluice_core::Graph::new();
+    let w = graph.writer().await;
+    let image = image_options(img, None).map_err(sluice_core::Error::Other)?;
+    let mut o = open_qcow2_detached(&w, image, CacheMode::WRITEBACK, false).await?;
     let mut steps = Vec::new();
-    let res = amend(&o.node, &opts, false, &mut |d, t| steps.push((d, t))).await;
-    close(o).await;
+    let res = amend(&mut o, &opts, false, &mut |d, t| steps.push((d, t))).await;
+    let node = o.node.clone();
+    drop(o);
+    let drained = w.drain(&node).await;
+    w.delete_node(&drained, &node)
+        .await
+        .unwrap_or_else(|e| panic!("closing {img}: {e}"));
+    drop(drained);
     // A version change reports its progress to the end.
     if res.is_ok() && opts.compat.is_some() {
         assert!(steps.windows(2).all(|w| w[0].0 <= w[1].0), "{steps:?}");

@@ -6,7 +6,7 @@
 //! `qemu_progress_print`: every change of more than a percent, 0 and 100
 //! always, then a newline — also after a failure, once `-o` was given).
 
-use super::common::{self, OpenSpec};
+use super::common::{self, MetaImage, OpenSpec};
 use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Mutex;
@@ -303,18 +303,30 @@ fn amend_with(p: &Parsed, items: &[String], progress: &QemuProgress) -> ExitCode
         cache: Some(cache),
         ..OpenSpec::default()
     };
+    // qemu-img opens the backing chain with the image.
+    if let Err(e) = common::backing_chain_opens(&spec) {
+        return common::fail(1, &e);
+    }
     let pairs = option_pairs(items);
     let force = p.force;
     let res = common::block_on(async move {
-        let img = common::open(&spec).await?;
-        let node = img.node();
-        let name = node.driver_name();
+        let mut img = match common::open_metadata(&spec).await? {
+            MetaImage::Qcow2(img) => img,
+            MetaImage::Other(img) => {
+                let name = img.node().driver_name();
+                let closed = img.close().await;
+                let res = if help {
+                    Ok(Some(name))
+                } else {
+                    Err(format!(
+                        "Format driver '{name}' does not support option amendment"
+                    ))
+                };
+                return res.and_then(|r| closed.map(|()| r));
+            }
+        };
         let res = if help {
-            Ok(Some(name))
-        } else if name != "qcow2" {
-            Err(format!(
-                "Format driver '{name}' does not support option amendment"
-            ))
+            Ok(Some("qcow2"))
         } else {
             match sluice_qcow2::amend::AmendOptions::parse(&pairs) {
                 Err(e) => Err(e.to_string()),
@@ -322,7 +334,7 @@ fn amend_with(p: &Parsed, items: &[String], progress: &QemuProgress) -> ExitCode
                     progress.print(0.0);
                     let mut report =
                         |done: u64, total: u64| progress.print(100.0 * done as f32 / total as f32);
-                    let r = sluice_qcow2::amend::amend(&node, &o, force, &mut report)
+                    let r = sluice_qcow2::amend::amend(&mut img.image, &o, force, &mut report)
                         .await
                         .map(|()| None)
                         .map_err(|e| e.to_string());

@@ -135,7 +135,8 @@ fn deep_merge(dst: &mut Value, src: Value) {
 
 /// For the commands that work on an image's own metadata without its
 /// backing chain (check, resize, snapshot): qemu-img opens the chain all
-/// the same, so a backing file that cannot be opened fails them too.
+/// the same, so a backing file that cannot be opened fails them too
+/// (amend, which opens it, fails first with qemu-img's message).
 /// Images named by options, and headers that cannot be read, pass (the
 /// command's own open reports those).
 pub fn backing_chain_opens(spec: &OpenSpec) -> Result<(), String> {
@@ -230,13 +231,49 @@ fn default_protocol(v: &mut Value) {
 /// Opens `spec` as qemu-img does; the error is the whole message
 /// (`Could not open 'NAME': CAUSE`).
 pub async fn open(spec: &OpenSpec) -> Result<Image, String> {
-    let could_not = |e: String| format!("Could not open '{}': {e}", spec.name);
+    let (v, probed) = open_options(spec)?;
+    open_graph(spec, v, probed).await
+}
+
+/// What `spec` opens, with the refusals qemu-img makes before it opens
+/// anything; and the file whose format was probed, if any.
+fn open_options(spec: &OpenSpec) -> Result<(Value, Option<String>), String> {
     if spec.force_share && spec.writable {
         return Err(could_not(
-            "force-share=on can only be used with read-only images".into(),
+            spec,
+            "force-share=on can only be used with read-only images",
         ));
     }
-    let (v, probed) = options_probed(spec).map_err(could_not)?;
+    options_probed(spec).map_err(|e| could_not(spec, &e))
+}
+
+fn could_not(spec: &OpenSpec, e: &str) -> String {
+    format!("Could not open '{}': {e}", spec.name)
+}
+
+/// The root qemu-img's image is used by, on `node` (deleted when the
+/// root cannot be had).
+async fn tool_root(
+    w: &sluice_core::GraphWriter<'_>,
+    spec: &OpenSpec,
+    node: &Arc<Node>,
+) -> Result<Root, String> {
+    let perm = match (spec.writable, spec.force_share) {
+        (true, _) => PermPair::writer(),
+        (false, false) => PermPair::reader(),
+        (false, true) => PermPair::reader_sharing_all(),
+    };
+    match w.add_root("block device", "qemu-img", node, perm).await {
+        Ok(r) => Ok(r),
+        Err(e) => {
+            let d = w.drain(node).await;
+            let _ = w.delete_node(&d, node).await;
+            Err(could_not(spec, &e.to_string()))
+        }
+    }
+}
+
+async fn open_graph(spec: &OpenSpec, v: Value, probed: Option<String>) -> Result<Image, String> {
     let probed_raw = probed.filter(|_| v["driver"] == "raw");
     let cache = spec.cache.unwrap_or(CacheMode::WRITEBACK);
     let graph = Graph::new();
@@ -244,20 +281,8 @@ pub async fn open(spec: &OpenSpec) -> Result<Image, String> {
         let w = graph.writer().await;
         let top = sluice_drivers::open::open_with(&w, v, cache, !spec.writable)
             .await
-            .map_err(|e| could_not(e.to_string()))?;
-        let perm = match (spec.writable, spec.force_share) {
-            (true, _) => PermPair::writer(),
-            (false, false) => PermPair::reader(),
-            (false, true) => PermPair::reader_sharing_all(),
-        };
-        match w.add_root("block device", "qemu-img", &top, perm).await {
-            Ok(r) => (r, top),
-            Err(e) => {
-                let d = w.drain(&top).await;
-                let _ = w.delete_node(&d, &top).await;
-                return Err(could_not(e.to_string()));
-            }
-        }
+            .map_err(|e| could_not(spec, &e.to_string()))?;
+        (tool_root(&w, spec, &top).await?, top)
     };
     if let Some(name) = probed_raw.filter(|_| spec.writable) {
         eprintln!("WARNING: Image format was not specified for '{name}' and probing guessed raw.\n         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         Specify the 'raw' format explicitly to remove the restrictions.");
@@ -268,6 +293,64 @@ pub async fn open(spec: &OpenSpec) -> Result<Image, String> {
         name: spec.name.clone(),
         top,
     })
+}
+
+/// An image opened for a change of its own metadata (`snapshot -c/-a/-d`,
+/// `amend`): a qcow2 image with its one qcow2 driver, or any other as
+/// [`open`] opens it (for qemu-img's refusals).
+pub enum MetaImage {
+    Qcow2(Box<Qcow2Image>),
+    Other(Image),
+}
+
+/// A qcow2 image opened detached (`sluice_qcow2::detached`): the
+/// operation runs on its driver, the only qcow2 driver on the file; its
+/// node holds the children (and the root their permissions) as
+/// [`open`] would.
+pub struct Qcow2Image {
+    pub image: sluice_qcow2::detached::Detached,
+    graph: Graph,
+    root: Root,
+}
+
+impl Qcow2Image {
+    /// Writes everything back, marks the image clean and closes it, as
+    /// [`Image::close`] does.
+    pub async fn close(self) -> Result<(), String> {
+        let Qcow2Image { image, graph, root } = self;
+        let finished = image.finish().await.map_err(|e| e.to_string());
+        let node = image.node.clone();
+        drop(image);
+        drop(root);
+        let w = graph.writer().await;
+        let d = w.drain(&node).await;
+        let _ = w.delete_node(&d, &node).await;
+        finished
+    }
+}
+
+/// Opens `spec` as [`open`] does (same checks, messages and order), a
+/// qcow2 image detached.
+pub async fn open_metadata(spec: &OpenSpec) -> Result<MetaImage, String> {
+    let (v, probed) = open_options(spec)?;
+    if v["driver"] != "qcow2" {
+        return open_graph(spec, v, probed).await.map(MetaImage::Other);
+    }
+    let cache = spec.cache.unwrap_or(CacheMode::WRITEBACK);
+    let graph = Graph::new();
+    let (image, root) = {
+        let w = graph.writer().await;
+        let image = sluice_drivers::open_qcow2_detached(&w, v, cache, !spec.writable)
+            .await
+            .map_err(|e| could_not(spec, &e.to_string()))?;
+        let root = tool_root(&w, spec, &image.node).await?;
+        (image, root)
+    };
+    Ok(MetaImage::Qcow2(Box::new(Qcow2Image {
+        image,
+        graph,
+        root,
+    })))
 }
 
 /// The image file a node stands for: its own, or its `file` child's.

@@ -2,9 +2,10 @@
 //! image's internal snapshots as qemu-img does (its messages and exit
 //! codes); `load_tmp` is `convert -l`'s read-only load of one.
 
-use super::common::{self, OpenSpec};
+use super::common::{self, MetaImage, OpenSpec};
 use super::info::{qcow2_facts, snapshot_table};
 use sluice_core::{Node, Role};
+use sluice_qcow2::detached::Detached;
 use sluice_qcow2::snapshot::{self as snap, SnapshotError};
 use sluice_qcow2::{Qcow2Driver, Qcow2Options};
 use std::process::ExitCode;
@@ -82,10 +83,16 @@ pub fn run(args: SnapshotArgs) -> ExitCode {
     }
     let probed = (args.format.is_none() && !args.image_opts).then(|| filename.clone());
     let res = common::block_on(async move {
-        let img = common::open(&spec).await?;
-        let done = change(&img.node(), &action, probed.as_deref()).await;
-        let closed = img.close().await;
-        done.and(closed)
+        match common::open_metadata(&spec).await? {
+            MetaImage::Qcow2(img) => {
+                let done = change(&img.image, &action).await;
+                done.and(img.close().await)
+            }
+            MetaImage::Other(img) => {
+                let done = refuse(&img.node(), &action, probed.as_deref());
+                done.and(img.close().await)
+            }
+        }
     });
     match res.and_then(|r| r) {
         Ok(()) => ExitCode::SUCCESS,
@@ -121,26 +128,6 @@ fn list(args: &SnapshotArgs, filename: &str) -> ExitCode {
     }
 }
 
-/// The qcow2 layer of an open image, for a whole-image metadata change:
-/// a driver of its own on the image's file (the node's driver, idle
-/// while the tool runs, writes nothing back at close).
-async fn qcow2_on(node: &Node, writable: bool) -> Result<Option<(Qcow2Driver, Arc<Node>)>, String> {
-    if node.driver_name() != "qcow2" {
-        return Ok(None);
-    }
-    let Some(file) = node.child(Role::File) else {
-        return Ok(None);
-    };
-    let opts = Qcow2Options {
-        file: serde_json::Value::String(file.name().to_string()),
-        ..Default::default()
-    };
-    let d = Qcow2Driver::open(&file, &opts, !writable)
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(Some((d, file)))
-}
-
 /// QEMU keeps at most 255 bytes of a new snapshot's name.
 fn truncate_name(name: &str) -> &str {
     let mut end = name.len().min(255);
@@ -150,24 +137,48 @@ fn truncate_name(name: &str) -> &str {
     &name[..end]
 }
 
-async fn change(node: &Node, action: &Action, probed: Option<&str>) -> Result<(), String> {
-    let q = qcow2_on(node, true).await?;
-    let res = match (action, &q) {
-        (Action::Create(name), _) => {
-            let r = match &q {
-                Some((d, file)) => snap::create(d, file, truncate_name(name), snap::now())
-                    .await
-                    .map(drop),
-                None => Err(SnapshotError::NotSupported),
-            };
-            r.map_err(|e| format!("Could not create snapshot '{name}': {e}"))
+/// `-c`, `-a` or `-d` on a qcow2 image, through its one driver.
+async fn change(img: &Detached, action: &Action) -> Result<(), String> {
+    let d = &img.driver;
+    let file = img.file().map_err(|e| e.to_string())?;
+    match action {
+        Action::Create(name) => snap::create(d, &file, truncate_name(name), snap::now())
+            .await
+            .map(drop)
+            .map_err(|e| format!("Could not create snapshot '{name}': {e}")),
+        Action::Apply(name) => snap::apply(d, &file, name).await.map(drop).map_err(|e| {
+            format!("Could not apply snapshot '{name}': Failed to load snapshot: {e}")
+        }),
+        Action::Delete(name) => {
+            let not_found = || format!("Could not delete snapshot '{name}': snapshot not found");
+            // As bdrv_snapshot_find: by name only (`-a` also takes an
+            // id, `-d` does not); images whose snapshots cannot be
+            // listed have none to find.
+            let snaps = d.snapshots();
+            match snap::find_by_id_and_name(snaps, None, Some(name)) {
+                _ if d.header().has_data_file() => Err(not_found()),
+                None => Err(not_found()),
+                Some(i) => {
+                    let (id, sname) = (snaps[i].id.clone(), snaps[i].name.clone());
+                    snap::delete(d, &file, Some(&id), Some(&sname))
+                        .await
+                        .map(drop)
+                        .map_err(|e| format!("Could not delete snapshot '{name}': {e}"))
+                }
+            }
         }
-        (Action::Apply(name), Some((d, file))) => {
-            snap::apply(d, file, name).await.map(drop).map_err(|e| {
-                format!("Could not apply snapshot '{name}': Failed to load snapshot: {e}")
-            })
-        }
-        (Action::Apply(name), None) => {
+    }
+}
+
+/// `-c`, `-a` or `-d` on an image of another format, which has no
+/// internal snapshots: qemu-img's refusals.
+fn refuse(node: &Node, action: &Action, probed: Option<&str>) -> Result<(), String> {
+    match action {
+        Action::Create(name) => Err(format!(
+            "Could not create snapshot '{name}': {}",
+            SnapshotError::NotSupported
+        )),
+        Action::Apply(name) => {
             // QEMU reopens the format driver over its file to try the
             // file's snapshots: a probed raw image warns again.
             if let Some(name) = probed.filter(|_| node.driver_name() == "raw") {
@@ -177,35 +188,10 @@ async fn change(node: &Node, action: &Action, probed: Option<&str>) -> Result<()
                 "Could not apply snapshot '{name}': Block driver does not support snapshots"
             ))
         }
-        (Action::Delete(name), _) => {
-            let not_found = || format!("Could not delete snapshot '{name}': snapshot not found");
-            // As bdrv_snapshot_find: by name only (`-a` also takes an
-            // id, `-d` does not); images whose snapshots cannot be
-            // listed have none to find.
-            let Some((d, file)) = &q else {
-                return Err(not_found());
-            };
-            let snaps = d.snapshots();
-            match snap::find_by_id_and_name(snaps, None, Some(name)) {
-                _ if d.header().has_data_file() => Err(not_found()),
-                None => Err(not_found()),
-                Some(i) => {
-                    let (id, sname) = (snaps[i].id.clone(), snaps[i].name.clone());
-                    snap::delete(d, file, Some(&id), Some(&sname))
-                        .await
-                        .map(drop)
-                        .map_err(|e| format!("Could not delete snapshot '{name}': {e}"))
-                }
-            }
-        }
-    };
-    // Everything written back and the image marked clean, as at close.
-    if let Some((d, file)) = &q {
-        if let Err(e) = snap::close(d, file).await {
-            return res.and(Err(e.to_string()));
-        }
+        Action::Delete(name) => Err(format!(
+            "Could not delete snapshot '{name}': snapshot not found"
+        )),
     }
-    res
 }
 
 /// `convert -l`: which snapshot to read (qemu-img's snapshot param).
@@ -260,16 +246,28 @@ impl SnapshotParam {
 
 /// Makes `img` read the snapshot `param` names instead of its active
 /// layer (QEMU's `bdrv_snapshot_load_tmp`): a read-only qcow2 node of its
-/// own, on the same children, takes the image's place.
+/// own, on the same children, takes the image's place, and the image's
+/// node is deleted in the same drained transaction, so one qcow2 driver
+/// is left on the file (both are read-only: neither writes).
 pub async fn load_tmp(img: &mut common::Image, param: &SnapshotParam) -> Result<(), String> {
     let failed = |e: String| format!("Failed to load snapshot: {e}");
     let old = img.node();
-    let Some((d, file)) = qcow2_on(&old, false).await.map_err(failed)? else {
-        return Err(failed(format!(
-            "Block format '{}' used by device '' does not support temporarily loading internal snapshots",
-            old.driver_name()
-        )));
+    let file = match old.child(Role::File) {
+        Some(file) if old.driver_name() == "qcow2" => file,
+        _ => {
+            return Err(failed(format!(
+                "Block format '{}' used by device '' does not support temporarily loading internal snapshots",
+                old.driver_name()
+            )))
+        }
     };
+    let opts = Qcow2Options {
+        file: serde_json::Value::String(file.name().to_string()),
+        ..Default::default()
+    };
+    let d = Qcow2Driver::open(&file, &opts, true)
+        .await
+        .map_err(|e| failed(e.to_string()))?;
     let loaded = match param {
         SnapshotParam::IdAndName(id, name) => {
             d.load_snapshot(&file, id.as_deref(), name.as_deref()).await
@@ -282,35 +280,27 @@ pub async fn load_tmp(img: &mut common::Image, param: &SnapshotParam) -> Result<
         },
     };
     loaded.map_err(|e| failed(e.to_string()))?;
-    let size = old.size();
     let children: Vec<(Role, Arc<Node>)> = [Role::File, Role::Data, Role::Backing]
         .into_iter()
         .filter_map(|r| old.child(r).map(|c| (r, c)))
         .collect();
     let w = img.graph.writer().await;
-    let new = w
+    let drained = w.drain(&old).await;
+    let mut tx = w.transaction();
+    let new = tx
         .add_node(sluice_core::NodeSpec {
             name: None,
             driver: Box::new(d),
-            size,
+            size: old.size(),
             read_only: true,
             children,
             implicit: false,
         })
-        .await
         .map_err(|e| failed(e.to_string()))?;
-    let perm = img.root.perm();
-    let root = match w.add_root("block device", "qemu-img", &new, perm).await {
-        Ok(r) => r,
-        Err(e) => {
-            let drained = w.drain(&new).await;
-            let _ = w.delete_node(&drained, &new).await;
-            return Err(failed(e.to_string()));
-        }
-    };
-    img.root = Arc::new(root);
-    let drained = w.drain(&img.top).await;
-    let _ = w.delete_node(&drained, &img.top).await;
+    tx.replace_node(&drained, &old, &new)
+        .and_then(|()| tx.delete_node(&drained, &old))
+        .map_err(|e| failed(e.to_string()))?;
+    tx.commit().await.map_err(|e| failed(e.to_string()))?;
     drop(drained);
     img.top = new;
     Ok(())
