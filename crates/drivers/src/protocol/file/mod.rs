@@ -577,7 +577,9 @@ impl FileDriver {
             });
         }
         // Blocks reserved past the end would stay allocated (reading as
-        // zeroes) inside a grown file: drop them first.
+        // zeroes) inside a grown file: drop them first. Callers resize
+        // with the node drained (block_resize, the tools), so no append
+        // is in flight to race the release.
         self.release_reserve();
         self.engine
             .truncate(&self.fd(), size)
@@ -725,16 +727,23 @@ impl FileDriver {
             return;
         }
         let to = end + (end / 8).clamp(RESERVE_MIN, RESERVE_MAX);
-        match self
-            .fallocate(libc::FALLOC_FL_KEEP_SIZE, from, to - from)
-            .await
-        {
+        match self.allocate_blocks(from, to - from).await {
             Ok(()) => {
                 self.reserved_end.fetch_max(to, Ordering::AcqRel);
             }
             // Unsupported, or no room: writes allocate as they go.
             Err(_) => self.reserve_ok.store(false, Ordering::Relaxed),
         }
+    }
+
+    /// Allocates the blocks of `[offset, offset + len)` without changing
+    /// the file's length (`FALLOC_FL_KEEP_SIZE`), on the write engine:
+    /// io_uring would hand `fallocate` to its worker threads.
+    async fn allocate_blocks(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.write_engine
+            .fallocate(&self.fd(), libc::FALLOC_FL_KEEP_SIZE, offset, len)
+            .await
+            .map(drop)
     }
 
     /// Frees the blocks reserved past the end of the file: a truncation
@@ -929,12 +938,8 @@ impl BlockDriver for FileDriver {
         self.reserve_ahead(offset + len).await;
         if self.bulk && len >= BULK_ALLOC_MIN {
             if offset + len <= self.known_end.load(Ordering::Acquire) {
-                // Best effort: the write allocates what this did not. On
-                // the write engine: io_uring hands fallocate to its workers.
-                let _ = self
-                    .write_engine
-                    .fallocate(&self.fd(), libc::FALLOC_FL_KEEP_SIZE, offset, len)
-                    .await;
+                // Best effort: the write allocates what this did not.
+                let _ = self.allocate_blocks(offset, len).await;
             }
             self.known_end.fetch_max(offset + len, Ordering::AcqRel);
         }
