@@ -83,73 +83,112 @@ fn qemu_io(args: &[&str], dir: &Path) {
 /// base's allocation), each naming the one below with a relative path.
 /// Also `plain.raw`, a raw image with data and a hole.
 fn fixtures(dir: &Path) {
-    let q = |a: &[&str]| ok(&qemu(a, dir), &format!("qemu-img {a:?}"));
-    q(&["create", "-q", "-f", "qcow2", "base.qcow2", "8M"]);
-    qemu_io(
-        &[
-            "-f",
-            "qcow2",
-            "-c",
-            "write -P 1 0 3M",
-            "-c",
-            "write -z 3M 64k",
-            "-c",
-            "write -c -P 9 5M 64k",
-            "base.qcow2",
-        ],
+    qemu_ok(dir, &["create", "-q", "-f", "qcow2", "base.qcow2", "8M"]);
+    qemu_io_qcow2(
         dir,
-    );
-    q(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
         "base.qcow2",
-        "-F",
-        "qcow2",
-        "mid.qcow2",
-    ]);
-    qemu_io(
-        &[
-            "-f",
-            "qcow2",
-            "-c",
-            "write -P 2 1M 1M",
-            "-c",
-            "write -z 2M 128k",
+        &["write -P 1 0 3M", "write -z 3M 64k", "write -c -P 9 5M 64k"],
+    );
+    for (below, img, cmds) in [
+        (
+            "base.qcow2",
             "mid.qcow2",
-        ],
-        dir,
-    );
-    q(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "mid.qcow2",
-        "-F",
-        "qcow2",
-        "top.qcow2",
-    ]);
-    qemu_io(
-        &[
-            "-f",
-            "qcow2",
-            "-c",
-            "write -P 3 1536k 1M",
-            "-c",
-            "write -P 4 6M 192k",
+            &["write -P 2 1M 1M", "write -z 2M 128k"],
+        ),
+        (
+            "mid.qcow2",
             "top.qcow2",
-        ],
-        dir,
-    );
+            &["write -P 3 1536k 1M", "write -P 4 6M 192k"],
+        ),
+    ] {
+        qemu_ok(
+            dir,
+            &[
+                "create", "-q", "-f", "qcow2", "-b", below, "-F", "qcow2", img,
+            ],
+        );
+        qemu_io_qcow2(dir, img, cmds);
+    }
     let mut raw = vec![0u8; 4 * MIB as usize];
     raw[..65536].fill(0x5a);
     raw[(2 * MIB) as usize..(2 * MIB + 4096) as usize].fill(0x11);
     std::fs::write(dir.join("plain.raw"), raw).unwrap();
 }
+
+/// A fresh directory `name`, or `None` (the test is skipped) when
+/// qemu-img is not installed.
+fn scratch(name: &str) -> Option<Scratch> {
+    if !have_qemu() {
+        eprintln!("qemu-img not installed: skipped");
+        return None;
+    }
+    Some(Scratch::new(name))
+}
+
+/// `scratch(name)` holding the `fixtures`.
+fn fixture_dir(name: &str) -> Option<Scratch> {
+    let s = scratch(name)?;
+    fixtures(&s.0);
+    Some(s)
+}
+
+/// qemu-img (for a `tool` named `q…`) or sluice img runs `args` in `dir`.
+fn by(tool: &str, args: &[&str], dir: &Path) -> Output {
+    if tool.starts_with('q') {
+        qemu(args, dir)
+    } else {
+        sluice(args, dir)
+    }
+}
+
+/// qemu-img runs `args` in `dir` and must succeed.
+fn qemu_ok(dir: &Path, args: &[&str]) {
+    ok(&qemu(args, dir), &format!("qemu-img {args:?}"));
+}
+
+/// sluice img runs `args` in `dir` and must succeed.
+fn sluice_ok(dir: &Path, args: &[&str], what: &str) {
+    ok(&sluice(args, dir), what);
+}
+
+/// `qemu-io -f qcow2 -c CMD... IMG` in `dir`, which must succeed.
+fn qemu_io_qcow2(dir: &Path, img: &str, cmds: &[&str]) {
+    let mut args = vec!["-f", "qcow2"];
+    for c in cmds {
+        args.extend(["-c", c]);
+    }
+    args.push(img);
+    qemu_io(&args, dir);
+}
+
+/// The files `a` and `b` in `dir` hold the same bytes.
+fn assert_same_files(dir: &Path, a: &str, b: &str, what: &str) {
+    assert_eq!(
+        std::fs::read(dir.join(a)).unwrap(),
+        std::fs::read(dir.join(b)).unwrap(),
+        "{what}"
+    );
+}
+
+/// `img` is clean and reads as `src`.
+fn assert_clean_copy(dir: &Path, img: &str, src: &str) {
+    assert_clean(dir, img);
+    assert_identical(dir, img, src);
+}
+
+/// A fresh copy of the fixtures' chain in `dir/TOOL-chain`.
+fn chain_copy(dir: &Path, tool: &str) -> PathBuf {
+    let d = dir.join(format!("{tool}-chain"));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    for f in CHAIN {
+        std::fs::copy(dir.join(f), d.join(f)).unwrap();
+    }
+    d
+}
+
+/// The fixtures' chain, base first.
+const CHAIN: [&str; 3] = ["base.qcow2", "mid.qcow2", "top.qcow2"];
 
 /// Both tools, the same arguments, the same directory: stdout, stderr
 /// and exit code must be equal.
@@ -165,6 +204,13 @@ fn same(dir: &Path, args: &[&str]) -> Output {
     assert_eq!(text(&b.stderr), text(&a.stderr), "stderr of {args:?}");
     assert_eq!(b.status.code(), a.status.code(), "exit code of {args:?}");
     b
+}
+
+/// `same` for each of `cases`.
+fn same_each(dir: &Path, cases: &[&[&str]]) {
+    for args in cases {
+        same(dir, args);
+    }
 }
 
 /// Exit codes equal, and each tool printed exactly one error line that
@@ -226,55 +272,44 @@ fn assert_clean(dir: &Path, img: &str) {
 
 #[test]
 fn info_reports_match_qemu_img() {
-    if !have_qemu() {
-        eprintln!("qemu-img not installed: skipped");
+    let Some(s) = fixture_dir("info") else {
         return;
-    }
-    let s = Scratch::new("info");
-    fixtures(&s.0);
-    for args in [
-        &["info", "top.qcow2"][..],
-        &["info", "--output=json", "top.qcow2"],
-        &["info", "--backing-chain", "top.qcow2"],
-        &["info", "--backing-chain", "--output=json", "top.qcow2"],
-        &["info", "-f", "qcow2", "--output=json", "base.qcow2"],
-        &["info", "plain.raw"],
-        &["info", "--output=json", "-f", "raw", "plain.raw"],
-        &["info", "-U", "--output", "json", "mid.qcow2"],
+    };
+    same_each(
+        &s.0,
         &[
-            "info",
-            "--image-opts",
-            "driver=qcow2,file.filename=mid.qcow2",
-        ],
-        &["info", "json:{\"driver\":\"qcow2\",\"file\":{\"driver\":\"file\",\"filename\":\"base.qcow2\"}}"],
-    ] {
-        same(&s.0, args);
-    }
-    // v2 images and snapshots.
-    ok(
-        &qemu(
+            &["info", "top.qcow2"][..],
+            &["info", "--output=json", "top.qcow2"],
+            &["info", "--backing-chain", "top.qcow2"],
+            &["info", "--backing-chain", "--output=json", "top.qcow2"],
+            &["info", "-f", "qcow2", "--output=json", "base.qcow2"],
+            &["info", "plain.raw"],
+            &["info", "--output=json", "-f", "raw", "plain.raw"],
+            &["info", "-U", "--output", "json", "mid.qcow2"],
             &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                "compat=0.10",
-                "v2.qcow2",
-                "1M",
+                "info",
+                "--image-opts",
+                "driver=qcow2,file.filename=mid.qcow2",
             ],
-            &s.0,
-        ),
-        "create v2",
+            &["info", "json:{\"driver\":\"qcow2\",\"file\":{\"driver\":\"file\",\"filename\":\"base.qcow2\"}}"],
+        ],
     );
-    ok(
-        &qemu(&["snapshot", "-c", "first", "v2.qcow2"], &s.0),
-        "snap",
+    // v2 images and snapshots.
+    qemu_ok(
+        &s.0,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=0.10",
+            "v2.qcow2",
+            "1M",
+        ],
     );
-    ok(
-        &qemu(&["snapshot", "-c", "second", "v2.qcow2"], &s.0),
-        "snap",
-    );
+    qemu_ok(&s.0, &["snapshot", "-c", "first", "v2.qcow2"]);
+    qemu_ok(&s.0, &["snapshot", "-c", "second", "v2.qcow2"]);
     same(&s.0, &["info", "v2.qcow2"]);
     same(&s.0, &["info", "--output=json", "v2.qcow2"]);
     same(&s.0, &["snapshot", "-l", "v2.qcow2"]);
@@ -282,11 +317,9 @@ fn info_reports_match_qemu_img() {
 
 #[test]
 fn info_failures_match_qemu_img() {
-    if !have_qemu() {
+    let Some(s) = fixture_dir("info-fail") else {
         return;
-    }
-    let s = Scratch::new("info-fail");
-    fixtures(&s.0);
+    };
     same_failure(&s.0, &["info", "missing.qcow2"], "missing.qcow2");
     same_failure(&s.0, &["info", "-f", "qcow2", "plain.raw"], "plain.raw");
     same(&s.0, &["info", "--image-opts", "-f", "qcow2", "plain.raw"]);
@@ -295,83 +328,66 @@ fn info_failures_match_qemu_img() {
 
 #[test]
 fn map_matches_qemu_img() {
-    if !have_qemu() {
+    let Some(s) = fixture_dir("map") else {
         return;
-    }
-    let s = Scratch::new("map");
-    fixtures(&s.0);
-    for args in [
-        &["map", "top.qcow2"][..],
-        &["map", "--output=json", "top.qcow2"],
-        &["map", "--output=json", "mid.qcow2"],
-        &["map", "--output=json", "base.qcow2"],
-        &["map", "--output=json", "-f", "raw", "plain.raw"],
-        &["map", "-f", "raw", "plain.raw"],
+    };
+    same_each(
+        &s.0,
         &[
-            "map",
-            "--output=json",
-            "--start-offset",
-            "1M",
-            "--max-length",
-            "3M",
-            "top.qcow2",
+            &["map", "top.qcow2"][..],
+            &["map", "--output=json", "top.qcow2"],
+            &["map", "--output=json", "mid.qcow2"],
+            &["map", "--output=json", "base.qcow2"],
+            &["map", "--output=json", "-f", "raw", "plain.raw"],
+            &["map", "-f", "raw", "plain.raw"],
+            &[
+                "map",
+                "--output=json",
+                "--start-offset",
+                "1M",
+                "--max-length",
+                "3M",
+                "top.qcow2",
+            ],
         ],
-    ] {
-        same(&s.0, args);
-    }
+    );
     same_failure(&s.0, &["map", "missing.qcow2"], "missing.qcow2");
 }
 
 #[test]
 fn compare_matches_qemu_img() {
-    if !have_qemu() {
+    let Some(s) = fixture_dir("compare") else {
         return;
-    }
-    let s = Scratch::new("compare");
-    fixtures(&s.0);
-    ok(
-        &qemu(&["convert", "-O", "raw", "top.qcow2", "top.raw"], &s.0),
-        "convert",
-    );
-    ok(
-        &qemu(&["create", "-q", "-f", "qcow2", "big.qcow2", "16M"], &s.0),
-        "create",
-    );
-    for args in [
-        &["compare", "top.qcow2", "top.raw"][..],
-        &["compare", "-s", "top.qcow2", "top.qcow2"],
-        &["compare", "top.qcow2", "mid.qcow2"],
-        &["compare", "-s", "top.qcow2", "mid.qcow2"],
-        &[
-            "compare",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            "base.qcow2",
-            "plain.raw",
-        ],
-        &["compare", "base.qcow2", "big.qcow2"],
-        &["compare", "-s", "base.qcow2", "big.qcow2"],
-        &["compare", "-q", "top.qcow2", "mid.qcow2"],
-        &["compare", "top.qcow2"],
-    ] {
-        same(&s.0, args);
-    }
-    // A longer image whose tail holds data.
-    ok(
-        &qemu(&["convert", "-O", "qcow2", "top.qcow2", "long.qcow2"], &s.0),
-        "convert",
-    );
-    ok(
-        &qemu(&["resize", "-q", "long.qcow2", "16M"], &s.0),
-        "resize",
-    );
-    same(&s.0, &["compare", "top.qcow2", "long.qcow2"]);
-    qemu_io(
-        &["-f", "qcow2", "-c", "write -P 7 12M 4k", "long.qcow2"],
+    };
+    qemu_ok(&s.0, &["convert", "-O", "raw", "top.qcow2", "top.raw"]);
+    qemu_ok(&s.0, &["create", "-q", "-f", "qcow2", "big.qcow2", "16M"]);
+    same_each(
         &s.0,
+        &[
+            &["compare", "top.qcow2", "top.raw"][..],
+            &["compare", "-s", "top.qcow2", "top.qcow2"],
+            &["compare", "top.qcow2", "mid.qcow2"],
+            &["compare", "-s", "top.qcow2", "mid.qcow2"],
+            &[
+                "compare",
+                "-f",
+                "qcow2",
+                "-F",
+                "raw",
+                "base.qcow2",
+                "plain.raw",
+            ],
+            &["compare", "base.qcow2", "big.qcow2"],
+            &["compare", "-s", "base.qcow2", "big.qcow2"],
+            &["compare", "-q", "top.qcow2", "mid.qcow2"],
+            &["compare", "top.qcow2"],
+        ],
     );
+    // A longer image whose tail holds data.
+    qemu_ok(&s.0, &["convert", "-O", "qcow2", "top.qcow2", "long.qcow2"]);
+    qemu_ok(&s.0, &["resize", "-q", "long.qcow2", "16M"]);
+    same(&s.0, &["compare", "top.qcow2", "long.qcow2"]);
+    qemu_io_qcow2(&s.0, "long.qcow2", &["write -P 7 12M 4k"]);
     same(&s.0, &["compare", "top.qcow2", "long.qcow2"]);
     // Open errors exit 2.
     same(&s.0, &["compare", "top.qcow2", "missing.qcow2"]);
@@ -393,17 +409,11 @@ fn convert_both(dir: &Path, args: &[&str], out: &str) -> (String, String) {
 
 #[test]
 fn convert_flattens_a_chain_to_raw_like_qemu_img() {
-    if !have_qemu() {
+    let Some(s) = fixture_dir("convert-raw") else {
         return;
-    }
-    let s = Scratch::new("convert-raw");
-    fixtures(&s.0);
+    };
     let (q, o) = convert_both(&s.0, &["convert", "-O", "raw", "top.qcow2"], "flat.raw");
-    assert_eq!(
-        std::fs::read(s.0.join(&q)).unwrap(),
-        std::fs::read(s.0.join(&o)).unwrap(),
-        "flattened raw images differ"
-    );
+    assert_same_files(&s.0, &q, &o, "flattened raw images differ");
     assert_identical(&s.0, &o, "top.qcow2");
     // Sparse: the same holes as qemu-img's output.
     assert_eq!(
@@ -423,11 +433,7 @@ fn convert_flattens_a_chain_to_raw_like_qemu_img() {
         a.extend_from_slice(extra);
         a.push("top.qcow2");
         let (q2, o2) = convert_both(&s.0, &a, "var.raw");
-        assert_eq!(
-            std::fs::read(s.0.join(&q2)).unwrap(),
-            std::fs::read(s.0.join(&o2)).unwrap(),
-            "convert {extra:?}"
-        );
+        assert_same_files(&s.0, &q2, &o2, &format!("convert {extra:?}"));
     }
     let full = qemu(&["map", "--output=json", "-f", "raw", "s-var.raw"], &s.0);
     let (q3, o3) = convert_both(
@@ -435,39 +441,20 @@ fn convert_flattens_a_chain_to_raw_like_qemu_img() {
         &["convert", "-O", "raw", "top.qcow2", "plain.raw"],
         "cat.raw",
     );
-    assert_eq!(
-        std::fs::read(s.0.join(&q3)).unwrap(),
-        std::fs::read(s.0.join(&o3)).unwrap(),
-        "concatenated sources"
-    );
+    assert_same_files(&s.0, &q3, &o3, "concatenated sources");
     assert!(full.status.success());
 }
 
 #[test]
 fn convert_into_an_existing_target() {
-    if !have_qemu() {
+    let Some(s) = fixture_dir("convert-n") else {
         return;
-    }
-    let s = Scratch::new("convert-n");
-    fixtures(&s.0);
+    };
     // A target full of 0xff: zero ranges of the source must be written.
     for name in ["q-t.raw", "s-t.raw"] {
         std::fs::write(s.0.join(name), vec![0xffu8; 8 * MIB as usize]).unwrap();
     }
-    ok(
-        &qemu(
-            &["convert", "-n", "-O", "raw", "top.qcow2", "q-t.raw"],
-            &s.0,
-        ),
-        "qemu-img convert -n",
-    );
-    ok(
-        &sluice(
-            &["convert", "-n", "-O", "raw", "top.qcow2", "s-t.raw"],
-            &s.0,
-        ),
-        "sluice img convert -n",
-    );
+    convert_both(&s.0, &["convert", "-n", "-O", "raw", "top.qcow2"], "t.raw");
     assert_eq!(
         std::fs::read(s.0.join("q-t.raw")).unwrap(),
         std::fs::read(s.0.join("s-t.raw")).unwrap()
@@ -476,19 +463,17 @@ fn convert_into_an_existing_target() {
     // --target-is-zero trusts the target: on a zeroed file the result is
     // the same.
     std::fs::write(s.0.join("z.raw"), vec![0u8; 8 * MIB as usize]).unwrap();
-    ok(
-        &sluice(
-            &[
-                "convert",
-                "-n",
-                "--target-is-zero",
-                "-O",
-                "raw",
-                "top.qcow2",
-                "z.raw",
-            ],
-            &s.0,
-        ),
+    sluice_ok(
+        &s.0,
+        &[
+            "convert",
+            "-n",
+            "--target-is-zero",
+            "-O",
+            "raw",
+            "top.qcow2",
+            "z.raw",
+        ],
         "--target-is-zero",
     );
     assert_identical(&s.0, "z.raw", "top.qcow2");
@@ -496,11 +481,9 @@ fn convert_into_an_existing_target() {
 
 #[test]
 fn convert_failures_match_qemu_img() {
-    if !have_qemu() {
+    let Some(s) = fixture_dir("convert-fail") else {
         return;
-    }
-    let s = Scratch::new("convert-fail");
-    fixtures(&s.0);
+    };
     std::fs::write(s.0.join("small.raw"), vec![0u8; 4096]).unwrap();
     for args in [
         &["convert", "top.qcow2"][..],
@@ -566,11 +549,9 @@ fn convert_failures_match_qemu_img() {
 
 #[test]
 fn create_matches_qemu_img() {
-    if !have_qemu() {
+    let Some(s) = fixture_dir("create") else {
         return;
-    }
-    let s = Scratch::new("create");
-    fixtures(&s.0);
+    };
     for (args, out) in [
         (&["create", "-f", "raw", "OUT", "1M"][..], true),
         (&["create", "OUT", "1.5M"], true),
@@ -633,11 +614,7 @@ fn create_matches_qemu_img() {
                 .iter()
                 .map(|x| if *x == "OUT" { out_name.as_str() } else { *x })
                 .collect();
-            let o = if tool == "qemu" {
-                qemu(&a, &s.0)
-            } else {
-                sluice(&a, &s.0)
-            };
+            let o = by(tool, &a, &s.0);
             let meta = std::fs::metadata(s.0.join(&out_name)).ok().map(|m| m.len());
             let _ = std::fs::remove_file(s.0.join(&out_name));
             results.push((
@@ -696,39 +673,30 @@ fn guest_map(dir: &Path, img: &str) -> Vec<serde_json::Value> {
 
 #[test]
 fn convert_to_qcow2_matches_qemu_img() {
-    if !have_qemu() {
+    let Some(s) = fixture_dir("convert-qcow2") else {
         return;
-    }
-    let s = Scratch::new("convert-qcow2");
-    fixtures(&s.0);
+    };
     // A chain of three flattened, writes in order: the same layout.
     let (q, o) = convert_both(&s.0, &["convert", "-O", "qcow2", "top.qcow2"], "flat.qcow2");
-    assert_clean(&s.0, &o);
-    assert_identical(&s.0, &o, "top.qcow2");
+    assert_clean_copy(&s.0, &o, "top.qcow2");
     assert_eq!(info_json(&s.0, &o), info_json(&s.0, &q));
     assert_eq!(map_json(&s.0, &o), map_json(&s.0, &q), "layout of {o}");
     // Round trip qcow2 -> raw -> qcow2 with sluice alone.
-    ok(
-        &sluice(&["convert", "-O", "raw", &o, "s-round.raw"], &s.0),
-        "to raw",
-    );
-    ok(
-        &sluice(
-            &[
-                "convert",
-                "-f",
-                "raw",
-                "-O",
-                "qcow2",
-                "s-round.raw",
-                "s-round.qcow2",
-            ],
-            &s.0,
-        ),
+    sluice_ok(&s.0, &["convert", "-O", "raw", &o, "s-round.raw"], "to raw");
+    sluice_ok(
+        &s.0,
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "s-round.raw",
+            "s-round.qcow2",
+        ],
         "back to qcow2",
     );
-    assert_clean(&s.0, "s-round.qcow2");
-    assert_identical(&s.0, "s-round.qcow2", "top.qcow2");
+    assert_clean_copy(&s.0, "s-round.qcow2", "top.qcow2");
     assert_eq!(
         map_json(&s.0, "s-round.qcow2"),
         map_json(&s.0, &o),
@@ -745,8 +713,7 @@ fn convert_to_qcow2_matches_qemu_img() {
         a.extend_from_slice(extra);
         a.push("top.qcow2");
         let (q2, o2) = convert_both(&s.0, &a, "var.qcow2");
-        assert_clean(&s.0, &o2);
-        assert_identical(&s.0, &o2, "top.qcow2");
+        assert_clean_copy(&s.0, &o2, "top.qcow2");
         assert_eq!(info_json(&s.0, &o2), info_json(&s.0, &q2), "{extra:?}");
         for f in [q2, o2] {
             std::fs::remove_file(s.0.join(f)).unwrap();
@@ -758,56 +725,44 @@ fn convert_to_qcow2_matches_qemu_img() {
         &["convert", "-c", "-O", "qcow2", "top.qcow2"],
         "c.qcow2",
     );
-    assert_clean(&s.0, &c);
-    assert_identical(&s.0, &c, "top.qcow2");
+    assert_clean_copy(&s.0, &c, "top.qcow2");
     // Compressed from a source with smaller clusters than the target's:
     // target clusters gather several source runs.
-    ok(
-        &qemu(
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                "cluster_size=4k",
-                "small.qcow2",
-                "8M",
-            ],
-            &s.0,
-        ),
-        "create",
-    );
-    qemu_io(
+    qemu_ok(
+        &s.0,
         &[
+            "create",
+            "-q",
             "-f",
             "qcow2",
-            "-c",
-            "write -P 7 4k 8k",
-            "-c",
-            "write -P 8 68k 4k",
-            "-c",
-            "write -P 9 200k 100k",
+            "-o",
+            "cluster_size=4k",
             "small.qcow2",
+            "8M",
         ],
-        &s.0,
     );
-    ok(
-        &sluice(
-            &[
-                "convert",
-                "-c",
-                "-O",
-                "qcow2",
-                "small.qcow2",
-                "s-small.qcow2",
-            ],
-            &s.0,
-        ),
+    qemu_io_qcow2(
+        &s.0,
+        "small.qcow2",
+        &[
+            "write -P 7 4k 8k",
+            "write -P 8 68k 4k",
+            "write -P 9 200k 100k",
+        ],
+    );
+    sluice_ok(
+        &s.0,
+        &[
+            "convert",
+            "-c",
+            "-O",
+            "qcow2",
+            "small.qcow2",
+            "s-small.qcow2",
+        ],
         "convert -c",
     );
-    assert_clean(&s.0, "s-small.qcow2");
-    assert_identical(&s.0, "s-small.qcow2", "small.qcow2");
+    assert_clean_copy(&s.0, "s-small.qcow2", "small.qcow2");
     let map = map_json(&s.0, &c);
     assert!(
         map.as_array()
@@ -820,11 +775,9 @@ fn convert_to_qcow2_matches_qemu_img() {
 
 #[test]
 fn convert_with_a_backing_file_keeps_it() {
-    if !have_qemu() {
+    let Some(s) = fixture_dir("convert-backing") else {
         return;
-    }
-    let s = Scratch::new("convert-backing");
-    fixtures(&s.0);
+    };
     // -B names the source's own backing file: only the top is copied.
     let (q, o) = convert_both(
         &s.0,
@@ -840,8 +793,7 @@ fn convert_with_a_backing_file_keeps_it() {
         ],
         "b.qcow2",
     );
-    assert_clean(&s.0, &o);
-    assert_identical(&s.0, &o, "top.qcow2");
+    assert_clean_copy(&s.0, &o, "top.qcow2");
     let info = info_json(&s.0, &o);
     assert_eq!(info["backing-filename"], "mid.qcow2");
     assert_eq!(info, info_json(&s.0, &q));
@@ -849,25 +801,22 @@ fn convert_with_a_backing_file_keeps_it() {
     // -B deeper in the chain: sluice keeps every layer above it, so the
     // result reads as the source. (qemu-img copies only the top layer
     // here and its result differs from the source; see the module doc.)
-    ok(
-        &sluice(
-            &[
-                "convert",
-                "-O",
-                "qcow2",
-                "-B",
-                "base.qcow2",
-                "-F",
-                "qcow2",
-                "top.qcow2",
-                "s-deep.qcow2",
-            ],
-            &s.0,
-        ),
+    sluice_ok(
+        &s.0,
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            "-B",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+            "s-deep.qcow2",
+        ],
         "-B base",
     );
-    assert_clean(&s.0, "s-deep.qcow2");
-    assert_identical(&s.0, "s-deep.qcow2", "top.qcow2");
+    assert_clean_copy(&s.0, "s-deep.qcow2", "top.qcow2");
     assert_eq!(
         info_json(&s.0, "s-deep.qcow2")["backing-filename"],
         "base.qcow2"
@@ -887,11 +836,7 @@ fn convert_with_a_backing_file_keeps_it() {
             "top.qcow2",
             out,
         ];
-        let o = if out.starts_with('q') {
-            qemu(&a, &s.0)
-        } else {
-            sluice(&a, &s.0)
-        };
+        let o = by(out, &a, &s.0);
         assert_eq!(o.status.code(), Some(1), "{a:?}");
         assert!(text(&o.stderr).contains("missing.qcow2"), "{a:?}");
     }
@@ -900,22 +845,21 @@ fn convert_with_a_backing_file_keeps_it() {
 
 #[test]
 fn check_matches_qemu_img() {
-    if !have_qemu() {
+    let Some(s) = fixture_dir("check") else {
         return;
-    }
-    let s = Scratch::new("check");
-    fixtures(&s.0);
-    for args in [
-        &["check", "top.qcow2"][..],
-        &["check", "--output=json", "base.qcow2"],
-        &["check", "-q", "mid.qcow2"],
-        &["check", "-f", "raw", "plain.raw"],
-        &["check", "missing.qcow2"],
-        &["check", "-r", "foo", "top.qcow2"],
-        &["check", "--output=xml", "top.qcow2"],
-    ] {
-        same(&s.0, args);
-    }
+    };
+    same_each(
+        &s.0,
+        &[
+            &["check", "top.qcow2"][..],
+            &["check", "--output=json", "base.qcow2"],
+            &["check", "-q", "mid.qcow2"],
+            &["check", "-f", "raw", "plain.raw"],
+            &["check", "missing.qcow2"],
+            &["check", "-r", "foo", "top.qcow2"],
+            &["check", "--output=xml", "top.qcow2"],
+        ],
+    );
     // A leaked cluster: one more cluster at the end of the file, with a
     // refcount of 1 and nothing that uses it.
     let mut img = std::fs::read(s.0.join("base.qcow2")).unwrap();
@@ -948,10 +892,11 @@ fn check_matches_qemu_img() {
     assert_eq!(o.status.code(), Some(2), "corruptions exit with 2");
     same(&s.0, &["check", "--output=json", "corrupt.qcow2"]);
     same_on_copies(&s.0, "corrupt.qcow2", &["check", "-r", "all", "IMG"]);
-    assert_eq!(
-        std::fs::read(s.0.join("q-leak.qcow2")).unwrap(),
-        std::fs::read(s.0.join("s-leak.qcow2")).unwrap(),
-        "repaired images differ"
+    assert_same_files(
+        &s.0,
+        "q-leak.qcow2",
+        "s-leak.qcow2",
+        "repaired images differ",
     );
 }
 
@@ -967,11 +912,7 @@ fn same_on_copies(dir: &Path, src: &str, args: &[&str]) {
             .iter()
             .map(|x| if *x == "IMG" { img.as_str() } else { *x })
             .collect();
-        let o = if tool == "q" {
-            qemu(&a, dir)
-        } else {
-            sluice(&a, dir)
-        };
+        let o = by(tool, &a, dir);
         if src.ends_with(".qcow2") {
             assert_clean(dir, &img);
         }
@@ -987,11 +928,9 @@ fn same_on_copies(dir: &Path, src: &str, args: &[&str]) {
 
 #[test]
 fn resize_matches_qemu_img() {
-    if !have_qemu() {
+    let Some(s) = fixture_dir("resize") else {
         return;
-    }
-    let s = Scratch::new("resize");
-    fixtures(&s.0);
+    };
     for args in [
         &["resize", "IMG", "16M"][..],
         &["resize", "IMG", "+1M"],
@@ -1018,11 +957,9 @@ fn resize_matches_qemu_img() {
 
 #[test]
 fn rebase_matches_qemu_img() {
-    if !have_qemu() {
+    let Some(s) = fixture_dir("rebase") else {
         return;
-    }
-    let s = Scratch::new("rebase");
-    fixtures(&s.0);
+    };
     for args in [
         &["rebase", "-b", "base.qcow2", "-F", "qcow2", "IMG"][..],
         &["rebase", "-b", "", "IMG"],
@@ -1051,40 +988,29 @@ fn rebase_matches_qemu_img() {
         &["rebase", "-b", "", "s.qcow2"],
     ] {
         std::fs::copy(s.0.join("top.qcow2"), s.0.join("s.qcow2")).unwrap();
-        ok(&sluice(args, &s.0), "rebase");
+        sluice_ok(&s.0, args, "rebase");
         assert_identical(&s.0, "s.qcow2", "top.qcow2");
     }
 }
 
 #[test]
 fn commit_matches_qemu_img() {
-    if !have_qemu() {
+    let Some(s) = fixture_dir("commit") else {
         return;
-    }
-    let s = Scratch::new("commit");
-    fixtures(&s.0);
+    };
     let reference = qemu(&["convert", "-O", "raw", "top.qcow2", "ref.raw"], &s.0);
     ok(&reference, "reference");
     for args in [&[][..], &["-d"], &["-q"], &["-b", "base.qcow2"]] {
         let mut outcome = Vec::new();
         for tool in ["q", "s"] {
             // A fresh chain per run (commit writes into the backing files).
-            let d = s.0.join(format!("{tool}-chain"));
-            let _ = std::fs::remove_dir_all(&d);
-            std::fs::create_dir_all(&d).unwrap();
-            for f in ["base.qcow2", "mid.qcow2", "top.qcow2"] {
-                std::fs::copy(s.0.join(f), d.join(f)).unwrap();
-            }
+            let d = chain_copy(&s.0, tool);
             let mut a = vec!["commit"];
             a.extend_from_slice(args);
             a.push("top.qcow2");
-            let o = if tool == "q" {
-                qemu(&a, &d)
-            } else {
-                sluice(&a, &d)
-            };
+            let o = by(tool, &a, &d);
             let mut images = Vec::new();
-            for f in ["base.qcow2", "mid.qcow2", "top.qcow2"] {
+            for f in CHAIN {
                 assert_clean(&d, f);
                 let same_as_ref = qemu(&["compare", f, "../ref.raw"], &d).status.code();
                 images.push((same_as_ref, info_json(&d, f), guest_map(&d, f)));
@@ -1099,100 +1025,86 @@ fn commit_matches_qemu_img() {
 
 #[test]
 fn measure_matches_qemu_img() {
-    if !have_qemu() {
+    let Some(s) = fixture_dir("measure") else {
         return;
-    }
-    let s = Scratch::new("measure");
-    fixtures(&s.0);
-    for args in [
-        &["measure", "-O", "qcow2", "top.qcow2"][..],
-        &["measure", "--output=json", "-O", "qcow2", "base.qcow2"],
-        &["measure", "-O", "raw", "top.qcow2"],
-        &["measure", "top.qcow2"],
-        &["measure", "--size", "1G", "-O", "qcow2"],
+    };
+    same_each(
+        &s.0,
         &[
-            "measure",
-            "--size",
-            "10G",
-            "-O",
-            "qcow2",
-            "-o",
-            "cluster_size=4k,refcount_bits=1",
+            &["measure", "-O", "qcow2", "top.qcow2"][..],
+            &["measure", "--output=json", "-O", "qcow2", "base.qcow2"],
+            &["measure", "-O", "raw", "top.qcow2"],
+            &["measure", "top.qcow2"],
+            &["measure", "--size", "1G", "-O", "qcow2"],
+            &[
+                "measure",
+                "--size",
+                "10G",
+                "-O",
+                "qcow2",
+                "-o",
+                "cluster_size=4k,refcount_bits=1",
+            ],
+            &[
+                "measure",
+                "--size",
+                "3T",
+                "-O",
+                "qcow2",
+                "-o",
+                "cluster_size=2M,extended_l2=on",
+            ],
+            &[
+                "measure",
+                "-O",
+                "qcow2",
+                "-o",
+                "preallocation=full",
+                "mid.qcow2",
+            ],
+            &[
+                "measure",
+                "--output=json",
+                "-O",
+                "qcow2",
+                "-f",
+                "raw",
+                "plain.raw",
+            ],
+            &["measure", "-O", "qcow2"],
+            &["measure", "-O", "qcow2", "--size", "1G", "top.qcow2"],
+            &["measure", "--size", "1Z", "-O", "qcow2"],
+            &["measure", "-O", "qcow2", "-o", "foo=1", "top.qcow2"],
         ],
-        &[
-            "measure",
-            "--size",
-            "3T",
-            "-O",
-            "qcow2",
-            "-o",
-            "cluster_size=2M,extended_l2=on",
-        ],
-        &[
-            "measure",
-            "-O",
-            "qcow2",
-            "-o",
-            "preallocation=full",
-            "mid.qcow2",
-        ],
-        &[
-            "measure",
-            "--output=json",
-            "-O",
-            "qcow2",
-            "-f",
-            "raw",
-            "plain.raw",
-        ],
-        &["measure", "-O", "qcow2"],
-        &["measure", "-O", "qcow2", "--size", "1G", "top.qcow2"],
-        &["measure", "--size", "1Z", "-O", "qcow2"],
-        &["measure", "-O", "qcow2", "-o", "foo=1", "top.qcow2"],
-    ] {
-        same(&s.0, args);
-    }
+    );
 }
 
 /// An image larger than one request may be (2 GiB): walks over it go in
 /// pieces, and data on both sides of the 2 GiB line is found.
 #[test]
 fn images_larger_than_a_request() {
-    if !have_qemu() {
+    let Some(s) = scratch("large") else {
         return;
-    }
-    let s = Scratch::new("large");
-    ok(
-        &qemu(&["create", "-q", "-f", "qcow2", "big.qcow2", "10G"], &s.0),
-        "create",
-    );
-    qemu_io(
-        &[
-            "-f",
-            "qcow2",
-            "-c",
-            "write -P 5 2047M 2M",
-            "-c",
-            "write -P 6 9G 64k",
-            "big.qcow2",
-        ],
+    };
+    qemu_ok(&s.0, &["create", "-q", "-f", "qcow2", "big.qcow2", "10G"]);
+    qemu_io_qcow2(
         &s.0,
+        "big.qcow2",
+        &["write -P 5 2047M 2M", "write -P 6 9G 64k"],
     );
-    for args in [
-        &["map", "--output=json", "big.qcow2"][..],
-        &["map", "big.qcow2"],
-        &["compare", "big.qcow2", "big.qcow2"],
-        &["measure", "-O", "qcow2", "big.qcow2"],
-        &["info", "big.qcow2"],
-    ] {
-        same(&s.0, args);
-    }
+    same_each(
+        &s.0,
+        &[
+            &["map", "--output=json", "big.qcow2"][..],
+            &["map", "big.qcow2"],
+            &["compare", "big.qcow2", "big.qcow2"],
+            &["measure", "-O", "qcow2", "big.qcow2"],
+            &["info", "big.qcow2"],
+        ],
+    );
     for fmt in ["raw", "qcow2"] {
         let out = format!("s-big.{fmt}");
-        ok(
-            &sluice(&["convert", "-O", fmt, "big.qcow2", &out], &s.0),
-            "convert",
-        );
+        sluice_ok(&s.0, &["convert", "-O", fmt, "big.qcow2", &out], "convert");
         assert_identical(&s.0, &out, "big.qcow2");
     }
     assert_clean(&s.0, "s-big.qcow2");
@@ -1202,11 +1114,9 @@ fn images_larger_than_a_request() {
 /// written as qemu-img writes it.
 #[test]
 fn convert_into_target_image_opts_like_qemu_img() {
-    if !have_qemu() {
+    let Some(s) = fixture_dir("convert-tio") else {
         return;
-    }
-    let s = Scratch::new("convert-tio");
-    fixtures(&s.0);
+    };
     let q = |a: &[&str]| ok(&qemu(a, &s.0), &format!("qemu-img {a:?}"));
     // A qcow2 target: the same content and layout as qemu-img's.
     for t in ["q-t.qcow2", "s-t.qcow2"] {
@@ -1215,17 +1125,12 @@ fn convert_into_target_image_opts_like_qemu_img() {
     for (tool, t) in [("q", "q-t.qcow2"), ("s", "s-t.qcow2")] {
         let opts = format!("driver=qcow2,file.driver=file,file.filename={t}");
         let a = ["convert", "-n", "--target-image-opts", "top.qcow2", &opts];
-        let o = if tool == "q" {
-            qemu(&a, &s.0)
-        } else {
-            sluice(&a, &s.0)
-        };
+        let o = by(tool, &a, &s.0);
         ok(&o, &format!("{tool}: {a:?}"));
         assert_eq!(text(&o.stdout), "", "{tool}: stdout");
         assert_eq!(text(&o.stderr), "", "{tool}: stderr");
     }
-    assert_clean(&s.0, "s-t.qcow2");
-    assert_identical(&s.0, "s-t.qcow2", "top.qcow2");
+    assert_clean_copy(&s.0, "s-t.qcow2", "top.qcow2");
     assert_identical(&s.0, "s-t.qcow2", "q-t.qcow2");
     assert_eq!(info_json(&s.0, "s-t.qcow2"), info_json(&s.0, "q-t.qcow2"));
     assert_eq!(map_json(&s.0, "s-t.qcow2"), map_json(&s.0, "q-t.qcow2"));
@@ -1237,34 +1142,24 @@ fn convert_into_target_image_opts_like_qemu_img() {
     for (tool, t) in [("q", "q-t.raw"), ("s", "s-t.raw")] {
         let opts = format!("driver=raw,file.filename={t}");
         let a = ["convert", "-n", "--target-image-opts", "top.qcow2", &opts];
-        let o = if tool == "q" {
-            qemu(&a, &s.0)
-        } else {
-            sluice(&a, &s.0)
-        };
+        let o = by(tool, &a, &s.0);
         ok(&o, &format!("{tool}: {a:?}"));
     }
-    assert_eq!(
-        std::fs::read(s.0.join("s-t.raw")).unwrap(),
-        std::fs::read(s.0.join("q-t.raw")).unwrap(),
-        "raw targets differ"
-    );
+    assert_same_files(&s.0, "s-t.raw", "q-t.raw", "raw targets differ");
     assert_identical(&s.0, "s-t.raw", "top.qcow2");
     // --target-is-zero on a zeroed target opened by its options.
     std::fs::write(s.0.join("z.raw"), vec![0u8; 8 * MIB as usize]).unwrap();
-    ok(
-        &sluice(
-            &[
-                "convert",
-                "-n",
-                "--target-image-opts",
-                "--target-is-zero",
-                "-W",
-                "top.qcow2",
-                "driver=raw,file.filename=z.raw",
-            ],
-            &s.0,
-        ),
+    sluice_ok(
+        &s.0,
+        &[
+            "convert",
+            "-n",
+            "--target-image-opts",
+            "--target-is-zero",
+            "-W",
+            "top.qcow2",
+            "driver=raw,file.filename=z.raw",
+        ],
         "--target-is-zero",
     );
     assert_identical(&s.0, "z.raw", "top.qcow2");
@@ -1282,11 +1177,7 @@ fn convert_into_target_image_opts_like_qemu_img() {
             let t = format!("{tool}-p.{ext}");
             let opts = format!("file.filename={t}");
             let a = ["convert", "-n", "--target-image-opts", "top.qcow2", &opts];
-            let o = if tool == "q" {
-                qemu(&a, &s.0)
-            } else {
-                sluice(&a, &s.0)
-            };
+            let o = by(tool, &a, &s.0);
             outcome.push((
                 text(&o.stdout),
                 text(&o.stderr).replace(&t, "T"),
@@ -1307,15 +1198,10 @@ fn convert_into_target_image_opts_like_qemu_img() {
 /// code, the target left alone.
 #[test]
 fn convert_target_refusals_match_qemu_img() {
-    if !have_qemu() {
+    let Some(s) = fixture_dir("convert-tio-fail") else {
         return;
-    }
-    let s = Scratch::new("convert-tio-fail");
-    fixtures(&s.0);
-    ok(
-        &qemu(&["create", "-q", "-f", "qcow2", "t.qcow2", "8M"], &s.0),
-        "create",
-    );
+    };
+    qemu_ok(&s.0, &["create", "-q", "-f", "qcow2", "t.qcow2", "8M"]);
     std::fs::write(s.0.join("small.raw"), vec![0u8; 4096]).unwrap();
     let before = std::fs::read(s.0.join("t.qcow2")).unwrap();
     let t = "driver=qcow2,file.filename=t.qcow2";
@@ -1464,11 +1350,9 @@ fn convert_target_refusals_match_qemu_img() {
 /// on a virtual clock: these tests never time anything.)
 #[test]
 fn rate_limits_parse_like_qemu_img() {
-    if !have_qemu() {
+    let Some(s) = fixture_dir("rate") else {
         return;
-    }
-    let s = Scratch::new("rate");
-    fixtures(&s.0);
+    };
     for r in [
         "-1",
         "-0",
@@ -1499,8 +1383,7 @@ fn rate_limits_parse_like_qemu_img() {
             &["convert", "-r", r, "-O", "qcow2", "top.qcow2"],
             "r.qcow2",
         );
-        assert_clean(&s.0, &o);
-        assert_identical(&s.0, &o, "top.qcow2");
+        assert_clean_copy(&s.0, &o, "top.qcow2");
         assert_eq!(map_json(&s.0, &o), map_json(&s.0, &q), "-r {r}");
         for f in [q, o] {
             std::fs::remove_file(s.0.join(f)).unwrap();
@@ -1509,19 +1392,11 @@ fn rate_limits_parse_like_qemu_img() {
     // commit -r: the same images as qemu-img's.
     let mut outcome = Vec::new();
     for tool in ["q", "s"] {
-        let d = s.0.join(format!("{tool}-chain"));
-        std::fs::create_dir_all(&d).unwrap();
-        for f in ["base.qcow2", "mid.qcow2", "top.qcow2"] {
-            std::fs::copy(s.0.join(f), d.join(f)).unwrap();
-        }
+        let d = chain_copy(&s.0, tool);
         let a = ["commit", "-r", "64M", "top.qcow2"];
-        let o = if tool == "q" {
-            qemu(&a, &d)
-        } else {
-            sluice(&a, &d)
-        };
+        let o = by(tool, &a, &d);
         let mut images = Vec::new();
-        for f in ["base.qcow2", "mid.qcow2", "top.qcow2"] {
+        for f in CHAIN {
             assert_clean(&d, f);
             images.push((info_json(&d, f), guest_map(&d, f)));
         }

@@ -5,7 +5,9 @@
 
 mod common;
 
-use common::{have, ok, run, sluice, start_with_monitor, temp_dir, Outcome, Qmp, TempDir};
+use common::{
+    have, ok, qcow2_overlay, run, sluice, start_with_monitor, temp_dir, Outcome, Qmp, TempDir,
+};
 use serde_json::{json, Value};
 use std::path::Path;
 
@@ -17,18 +19,8 @@ fn make_chain(dir: &TempDir) {
         dir.file("top.qcow2"),
     );
     ok("qemu-img", &["create", "-q", "-f", "qcow2", &base, "4M"]);
-    ok(
-        "qemu-img",
-        &[
-            "create", "-q", "-f", "qcow2", "-b", &base, "-F", "qcow2", &mid,
-        ],
-    );
-    ok(
-        "qemu-img",
-        &[
-            "create", "-q", "-f", "qcow2", "-b", &mid, "-F", "qcow2", &top,
-        ],
-    );
+    qcow2_overlay(&mid, &base);
+    qcow2_overlay(&top, &mid);
     ok("qemu-io", &["-c", "write -P 0x11 0 2M", &base]);
     ok("qemu-io", &["-c", "write -P 0x22 1M 2M", &mid]);
     ok("qemu-io", &["-c", "write -P 0x33 3M 64k", &top]);
@@ -58,14 +50,20 @@ fn normalize(cmd: &str, r: Outcome) -> Outcome {
     ))
 }
 
+/// A `run(q, name, args)` that sends the command and records it with its
+/// outcome (normalized) in `out`.
+fn recording(out: &mut Vec<(String, Outcome)>) -> impl FnMut(&mut Qmp, &str, Value) + '_ {
+    move |q, name, args| {
+        let r = normalize(name, q.cmd(name, args.clone()));
+        out.push((format!("{name} {args}"), r));
+    }
+}
+
 /// A stream held at 1 byte/s, then finalized and dismissed by hand, and
 /// the errors around it; returns each command with its outcome.
 fn stream_sequence(q: &mut Qmp, dir: &TempDir) -> Vec<(String, Outcome)> {
     let mut out = Vec::new();
-    let mut run = |q: &mut Qmp, name: &str, args: Value| {
-        let r = normalize(name, q.cmd(name, args.clone()));
-        out.push((format!("{name} {args}"), r));
-    };
+    let mut run = recording(&mut out);
     run(
         q,
         "blockdev-add",
@@ -122,6 +120,7 @@ fn stream_sequence(q: &mut Qmp, dir: &TempDir) -> Vec<(String, Outcome)> {
     );
     run(q, "blockdev-del", json!({"node-name": "top"}));
     run(q, "quit", Value::Null);
+    drop(run);
     out
 }
 
@@ -154,6 +153,20 @@ fn drive(
     let outcomes = sequence(&mut q, dir);
     assert!(p.0.wait().unwrap().success(), "{} exits 0", cmd.display());
     (outcomes, event_trace(&q))
+}
+
+/// qemu-storage-daemon runs `sequence` in `dir` (see `drive`).
+fn drive_qsd(dir: &TempDir, sequence: Sequence) -> (Vec<(String, Outcome)>, Vec<String>) {
+    drive(Path::new("qemu-storage-daemon"), &[], dir, sequence)
+}
+
+/// `qemu-img compare` finds `NAME.qcow2` in `ours` and `theirs` equal,
+/// for each of `names`.
+fn compare_each(ours: &TempDir, theirs: &TempDir, names: &[&str]) {
+    for f in names {
+        let f = format!("{f}.qcow2");
+        ok("qemu-img", &["compare", &ours.file(&f), &theirs.file(&f)]);
+    }
 }
 
 fn assert_same(
@@ -201,12 +214,7 @@ fn block_stream_sequence_matches_qemu_storage_daemon() {
         return;
     }
     let theirs_dir = temp_dir("diff-theirs");
-    let (theirs, theirs_events) = drive(
-        Path::new("qemu-storage-daemon"),
-        &[],
-        &theirs_dir,
-        stream_sequence,
-    );
+    let (theirs, theirs_events) = drive_qsd(&theirs_dir, stream_sequence);
     assert_same(&ours, &theirs, &ours_events, &theirs_events);
     assert_eq!(
         backing_of_top(&theirs_dir),
@@ -263,10 +271,7 @@ fn add_nodes(q: &mut Qmp, dir: &TempDir, run: &mut impl FnMut(&mut Qmp, &str, Va
 /// commit, with errors on the way.
 fn commit_mirror_backup_sequence(q: &mut Qmp, dir: &TempDir) -> Vec<(String, Outcome)> {
     let mut out = Vec::new();
-    let mut run = |q: &mut Qmp, name: &str, args: Value| {
-        let r = normalize(name, q.cmd(name, args.clone()));
-        out.push((format!("{name} {args}"), r));
-    };
+    let mut run = recording(&mut out);
     add_nodes(q, dir, &mut run);
     run(q, "block-commit", json!({"job-id": "c", "device": "mid"}));
     run(
@@ -331,6 +336,7 @@ fn commit_mirror_backup_sequence(q: &mut Qmp, dir: &TempDir) -> Vec<(String, Out
     q.wait_job_status("a", "null");
     run(q, "query-jobs", Value::Null);
     run(q, "quit", Value::Null);
+    drop(run);
     out
 }
 
@@ -387,25 +393,14 @@ fn commit_mirror_and_backup_sequence_matches_qemu_storage_daemon() {
         return;
     }
     let theirs_dir = temp_dir("diff-jobs-theirs");
-    let (theirs, theirs_events) = drive(
-        Path::new("qemu-storage-daemon"),
-        &[],
-        &theirs_dir,
-        commit_mirror_backup_sequence,
-    );
+    let (theirs, theirs_events) = drive_qsd(&theirs_dir, commit_mirror_backup_sequence);
     assert_same(
         &ours,
         &theirs,
         &ours_events,
         &without_transaction_pause(&theirs_events),
     );
-    for f in ["base", "mid", "top", "tgt", "bk"] {
-        let f = format!("{f}.qcow2");
-        ok(
-            "qemu-img",
-            &["compare", &ours_dir.file(&f), &theirs_dir.file(&f)],
-        );
-    }
+    compare_each(&ours_dir, &theirs_dir, &["base", "mid", "top", "tgt", "bk"]);
 }
 
 /// Read errors in the layer a stream copies from: with `on-error: stop`
@@ -413,20 +408,12 @@ fn commit_mirror_and_backup_sequence_matches_qemu_storage_daemon() {
 /// (`report`) it fails, and the overlay keeps its backing chain.
 fn stream_error_sequence(q: &mut Qmp, dir: &TempDir) -> Vec<(String, Outcome)> {
     let mut out = Vec::new();
-    let mut run = |q: &mut Qmp, name: &str, args: Value| {
-        let r = normalize(name, q.cmd(name, args.clone()));
-        out.push((format!("{name} {args}"), r));
-    };
+    let mut run = recording(&mut out);
     // A second chain for the failing case: base2 <- top2.
     let (base2, top2) = (dir.file("base2.qcow2"), dir.file("top2.qcow2"));
     ok("qemu-img", &["create", "-q", "-f", "qcow2", &base2, "4M"]);
     ok("qemu-io", &["-c", "write -P 0x44 0 1M", &base2]);
-    ok(
-        "qemu-img",
-        &[
-            "create", "-q", "-f", "qcow2", "-b", &base2, "-F", "qcow2", &top2,
-        ],
-    );
+    qcow2_overlay(&top2, &base2);
     let blkdebug = |file: &str, once: bool| {
         json!({"driver": "blkdebug",
                "inject-error": [{"event": "read_aio", "errno": 5, "once": once}],
@@ -475,6 +462,7 @@ fn stream_error_sequence(q: &mut Qmp, dir: &TempDir) -> Vec<(String, Outcome)> {
     run(q, "query-jobs", Value::Null);
     run(q, "job-dismiss", json!({"id": "r"}));
     run(q, "quit", Value::Null);
+    drop(run);
     out
 }
 
@@ -497,20 +485,9 @@ fn stream_read_errors_match_qemu_storage_daemon() {
         return;
     }
     let theirs_dir = temp_dir("diff-errors-theirs");
-    let (theirs, theirs_events) = drive(
-        Path::new("qemu-storage-daemon"),
-        &[],
-        &theirs_dir,
-        stream_error_sequence,
-    );
+    let (theirs, theirs_events) = drive_qsd(&theirs_dir, stream_error_sequence);
     assert_same(&ours, &theirs, &ours_events, &theirs_events);
-    for f in ["top", "top2"] {
-        let f = format!("{f}.qcow2");
-        ok(
-            "qemu-img",
-            &["compare", &ours_dir.file(&f), &theirs_dir.file(&f)],
-        );
-    }
+    compare_each(&ours_dir, &theirs_dir, &["top", "top2"]);
 }
 
 /// Images made with `blockdev-create` (a file, then qcow2 on it), a live
@@ -518,10 +495,7 @@ fn stream_read_errors_match_qemu_storage_daemon() {
 /// backup; a failing snapshot that changes nothing), and their errors.
 fn create_snapshot_sequence(q: &mut Qmp, dir: &TempDir) -> Vec<(String, Outcome)> {
     let mut out = Vec::new();
-    let mut run = |q: &mut Qmp, name: &str, args: Value| {
-        let r = normalize(name, q.cmd(name, args.clone()));
-        out.push((format!("{name} {args}"), r));
-    };
+    let mut run = recording(&mut out);
     let create =
         |q: &mut Qmp, run: &mut dyn FnMut(&mut Qmp, &str, Value), id: &str, opts: Value| {
             run(q, "blockdev-create", json!({"job-id": id, "options": opts}));
@@ -643,6 +617,7 @@ fn create_snapshot_sequence(q: &mut Qmp, dir: &TempDir) -> Vec<(String, Outcome)
     run(q, "query-jobs", Value::Null);
     run(q, "job-dismiss", json!({"id": "c6"}));
     run(q, "quit", Value::Null);
+    drop(run);
     out
 }
 
@@ -668,12 +643,7 @@ fn create_snapshot_and_transaction_match_qemu_storage_daemon() {
         return;
     }
     let theirs_dir = temp_dir("diff-create-theirs");
-    let (theirs, theirs_events) = drive(
-        Path::new("qemu-storage-daemon"),
-        &[],
-        &theirs_dir,
-        create_snapshot_sequence,
-    );
+    let (theirs, theirs_events) = drive_qsd(&theirs_dir, create_snapshot_sequence);
     for (cmd, r) in &theirs {
         eprintln!("qemu: {cmd} -> {r:?}");
     }
@@ -683,11 +653,5 @@ fn create_snapshot_and_transaction_match_qemu_storage_daemon() {
         &ours_events,
         &without_transaction_pause(&theirs_events),
     );
-    for f in ["new", "ovl"] {
-        let f = format!("{f}.qcow2");
-        ok(
-            "qemu-img",
-            &["compare", &ours_dir.file(&f), &theirs_dir.file(&f)],
-        );
-    }
+    compare_each(&ours_dir, &theirs_dir, &["new", "ovl"]);
 }

@@ -6,7 +6,9 @@
 
 mod common;
 
-use common::{ok, run, sluice, start_with_monitor, temp_dir, TempDir};
+use common::{
+    ok, qcow2_overlay, quit, run, sluice, start_with_monitor, temp_dir, Proc, Qmp, TempDir,
+};
 use serde_json::{json, Value};
 
 const SIZE: &str = "8M";
@@ -41,12 +43,7 @@ fn make_chain(dir: &TempDir) {
         dir.file("model.raw"),
     );
     ok("qemu-img", &["create", "-q", "-f", "qcow2", &base, SIZE]);
-    ok(
-        "qemu-img",
-        &[
-            "create", "-q", "-f", "qcow2", "-b", &base, "-F", "qcow2", &top,
-        ],
-    );
+    qcow2_overlay(&top, &base);
     ok("qemu-img", &["create", "-q", "-f", "raw", &model, SIZE]);
     qemu_io("qcow2", &base, BASE_WRITES);
     qemu_io("qcow2", &top, TOP_WRITES);
@@ -54,18 +51,28 @@ fn make_chain(dir: &TempDir) {
     qemu_io("raw", &model, TOP_WRITES);
 }
 
-#[test]
-fn block_stream_under_guest_writes_ends_with_qemus_chain_and_events() {
-    let dir = temp_dir("jobs-stream");
+/// A daemon in a fresh directory holding `make_chain`'s images, its
+/// monitor negotiated.
+fn daemon_with_chain(tag: &str) -> (TempDir, Proc, Qmp) {
+    let dir = temp_dir(tag);
     make_chain(&dir);
-    let (mut p, mut q) = start_with_monitor(sluice(), &["daemon"], &dir.0);
+    let (p, mut q) = start_with_monitor(sluice(), &["daemon"], &dir.0);
     q.negotiate();
+    (dir, p, q)
+}
+
+/// Opens top.qcow2 as node `top` (its backing opened from the header).
+fn add_top(q: &mut Qmp, dir: &TempDir) {
     q.cmd(
         "blockdev-add",
         json!({"driver": "qcow2", "node-name": "top",
                "file": {"driver": "file", "filename": dir.file("top.qcow2")}}),
     )
     .unwrap();
+}
+
+/// Exports node `top` writable as `disk` over NBD; returns its URI.
+fn export_top(q: &mut Qmp, dir: &TempDir) -> String {
     let sock = dir.file("nbd.sock");
     q.cmd(
         "nbd-server-start",
@@ -77,15 +84,47 @@ fn block_stream_under_guest_writes_ends_with_qemus_chain_and_events() {
         json!({"type": "nbd", "id": "exp0", "node-name": "top", "name": "disk", "writable": true}),
     )
     .unwrap();
+    format!("nbd+unix:///disk?socket={sock}")
+}
+
+/// A stream of `top` as job `id`, held at 1 byte/s.
+fn slow_stream(q: &mut Qmp, id: &str) {
+    q.cmd(
+        "block-stream",
+        json!({"job-id": id, "device": "top", "speed": 1}),
+    )
+    .unwrap();
+}
+
+/// `qemu-img check` finds each of `imgs` (in `dir`) clean.
+fn check(dir: &TempDir, imgs: &[&str]) {
+    for img in imgs {
+        ok("qemu-img", &["check", &dir.file(img)]);
+    }
+}
+
+/// `qemu-img compare` finds the qcow2 `img` equal to the raw `model`.
+fn assert_compare(img: &str, model: &str) {
+    let cmp = run(
+        "qemu-img",
+        &["compare", "-f", "qcow2", "-F", "raw", img, model],
+    );
+    assert!(
+        cmp.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cmp.stdout)
+    );
+}
+
+#[test]
+fn block_stream_under_guest_writes_ends_with_qemus_chain_and_events() {
+    let (dir, mut p, mut q) = daemon_with_chain("jobs-stream");
+    add_top(&mut q, &dir);
+    let uri = export_top(&mut q, &dir);
 
     // A speed of 1 byte/s holds the job after its first chunk: the guest
     // writes below land while it runs, whatever the machine's speed.
-    q.cmd(
-        "block-stream",
-        json!({"job-id": "s0", "device": "top", "speed": 1}),
-    )
-    .unwrap();
-    let uri = format!("nbd+unix:///disk?socket={sock}");
+    slow_stream(&mut q, "s0");
     qemu_io("raw", &uri, GUEST_WRITES);
     qemu_io("raw", &dir.file("model.raw"), GUEST_WRITES);
     let jobs = q.cmd("query-block-jobs", Value::Null).unwrap();
@@ -169,8 +208,7 @@ fn block_stream_under_guest_writes_ends_with_qemus_chain_and_events() {
     q.cmd("block-export-del", json!({"id": "exp0"})).unwrap();
     q.wait_event("BLOCK_EXPORT_DELETED");
     q.cmd("blockdev-del", json!({"node-name": "top"})).unwrap();
-    q.cmd("quit", Value::Null).unwrap();
-    assert!(p.0.wait().unwrap().success());
+    quit(&mut q, &mut p);
 
     let info = ok(
         "qemu-img",
@@ -185,25 +223,8 @@ fn block_stream_under_guest_writes_ends_with_qemus_chain_and_events() {
     let chain = info.as_array().unwrap();
     assert_eq!(chain.len(), 1, "{info}");
     assert!(chain[0].get("backing-filename").is_none(), "{info}");
-    ok("qemu-img", &["check", &dir.file("top.qcow2")]);
-    ok("qemu-img", &["check", &dir.file("base.qcow2")]);
-    let cmp = run(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            &dir.file("top.qcow2"),
-            &dir.file("model.raw"),
-        ],
-    );
-    assert!(
-        cmp.status.success(),
-        "{}",
-        String::from_utf8_lossy(&cmp.stdout)
-    );
+    check(&dir, &["top.qcow2", "base.qcow2"]);
+    assert_compare(&dir.file("top.qcow2"), &dir.file("model.raw"));
     // The base is as qemu-io left it: streaming only reads it.
     let base_model = dir.file("base.raw");
     ok(
@@ -211,32 +232,13 @@ fn block_stream_under_guest_writes_ends_with_qemus_chain_and_events() {
         &["create", "-q", "-f", "raw", &base_model, SIZE],
     );
     qemu_io("raw", &base_model, BASE_WRITES);
-    ok(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            &dir.file("base.qcow2"),
-            &base_model,
-        ],
-    );
+    assert_compare(&dir.file("base.qcow2"), &base_model);
 }
 
 #[test]
 fn job_verbs_follow_the_state_machine_and_name_missing_jobs_as_qemu() {
-    let dir = temp_dir("jobs-verbs");
-    make_chain(&dir);
-    let (mut p, mut q) = start_with_monitor(sluice(), &["daemon"], &dir.0);
-    q.negotiate();
-    q.cmd(
-        "blockdev-add",
-        json!({"driver": "qcow2", "node-name": "top",
-               "file": {"driver": "file", "filename": dir.file("top.qcow2")}}),
-    )
-    .unwrap();
+    let (dir, mut p, mut q) = daemon_with_chain("jobs-verbs");
+    add_top(&mut q, &dir);
     let err = |class: &str, desc: &str| Err((class.to_string(), desc.to_string()));
     assert_eq!(
         q.cmd("job-pause", json!({"id": "zz"})),
@@ -323,42 +325,16 @@ fn job_verbs_follow_the_state_machine_and_name_missing_jobs_as_qemu() {
         .unwrap()
         .clone();
     assert_eq!(top["backing_file_depth"], 1, "{top}");
-    q.cmd("quit", Value::Null).unwrap();
-    assert!(p.0.wait().unwrap().success());
-    let cmp = run(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            &dir.file("top.qcow2"),
-            &dir.file("model.raw"),
-        ],
-    );
-    assert!(cmp.status.success());
+    quit(&mut q, &mut p);
+    assert_compare(&dir.file("top.qcow2"), &dir.file("model.raw"));
 }
 
 #[test]
 fn quit_with_a_running_job_exits_cleanly_and_leaves_the_chain_whole() {
-    let dir = temp_dir("jobs-quit");
-    make_chain(&dir);
-    let (mut p, mut q) = start_with_monitor(sluice(), &["daemon"], &dir.0);
-    q.negotiate();
-    q.cmd(
-        "blockdev-add",
-        json!({"driver": "qcow2", "node-name": "top",
-               "file": {"driver": "file", "filename": dir.file("top.qcow2")}}),
-    )
-    .unwrap();
-    q.cmd(
-        "block-stream",
-        json!({"job-id": "s", "device": "top", "speed": 1}),
-    )
-    .unwrap();
-    q.cmd("quit", Value::Null).unwrap();
-    assert!(p.0.wait().unwrap().success());
+    let (dir, mut p, mut q) = daemon_with_chain("jobs-quit");
+    add_top(&mut q, &dir);
+    slow_stream(&mut q, "s");
+    quit(&mut q, &mut p);
     // The stream stopped before its graph change: top still has its base,
     // shows the same data, and both images are clean.
     let info = ok(
@@ -367,28 +343,13 @@ fn quit_with_a_running_job_exits_cleanly_and_leaves_the_chain_whole() {
     );
     let info: Value = serde_json::from_str(&info).unwrap();
     assert_eq!(info["backing-filename"], dir.file("base.qcow2"), "{info}");
-    ok("qemu-img", &["check", &dir.file("top.qcow2")]);
-    ok("qemu-img", &["check", &dir.file("base.qcow2")]);
-    ok(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            &dir.file("top.qcow2"),
-            &dir.file("model.raw"),
-        ],
-    );
+    check(&dir, &["top.qcow2", "base.qcow2"]);
+    assert_compare(&dir.file("top.qcow2"), &dir.file("model.raw"));
 }
 
 #[test]
 fn active_commit_under_guest_writes_pivots_the_export_to_the_base() {
-    let dir = temp_dir("jobs-active-commit");
-    make_chain(&dir);
-    let (mut p, mut q) = start_with_monitor(sluice(), &["daemon"], &dir.0);
-    q.negotiate();
+    let (dir, mut p, mut q) = daemon_with_chain("jobs-active-commit");
     // Opened node by node so that the base is writable, as a commit needs.
     for (node, backing) in [("base", None), ("top", Some("base"))] {
         let mut args = json!({"driver": "qcow2", "node-name": node,
@@ -398,18 +359,7 @@ fn active_commit_under_guest_writes_pivots_the_export_to_the_base() {
         }
         q.cmd("blockdev-add", args).unwrap();
     }
-    let sock = dir.file("nbd.sock");
-    q.cmd(
-        "nbd-server-start",
-        json!({"addr": {"type": "unix", "data": {"path": sock}}}),
-    )
-    .unwrap();
-    q.cmd(
-        "block-export-add",
-        json!({"type": "nbd", "id": "exp0", "node-name": "top", "name": "disk", "writable": true}),
-    )
-    .unwrap();
-    let uri = format!("nbd+unix:///disk?socket={sock}");
+    let uri = export_top(&mut q, &dir);
     let model = dir.file("model.raw");
     let guest = |cmds: &[&str]| {
         qemu_io("raw", &uri, cmds);
@@ -457,48 +407,18 @@ fn active_commit_under_guest_writes_pivots_the_export_to_the_base() {
     guest(&["write -P 0x46 3M 64k"]);
     q.cmd("block-export-del", json!({"id": "exp0"})).unwrap();
     q.wait_event("BLOCK_EXPORT_DELETED");
-    q.cmd("quit", Value::Null).unwrap();
-    assert!(p.0.wait().unwrap().success());
+    quit(&mut q, &mut p);
 
-    ok("qemu-img", &["check", &dir.file("base.qcow2")]);
-    ok("qemu-img", &["check", &dir.file("top.qcow2")]);
-    let cmp = run(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            &dir.file("base.qcow2"),
-            &model,
-        ],
-    );
-    assert!(
-        cmp.status.success(),
-        "{}",
-        String::from_utf8_lossy(&cmp.stdout)
-    );
+    check(&dir, &["base.qcow2", "top.qcow2"]);
+    assert_compare(&dir.file("base.qcow2"), &model);
 }
 
 #[test]
 fn malformed_job_commands_get_errors_and_the_daemon_carries_on() {
-    let dir = temp_dir("jobs-malformed");
-    make_chain(&dir);
-    let (mut p, mut q) = start_with_monitor(sluice(), &["daemon"], &dir.0);
-    q.negotiate();
-    q.cmd(
-        "blockdev-add",
-        json!({"driver": "qcow2", "node-name": "top",
-               "file": {"driver": "file", "filename": dir.file("top.qcow2")}}),
-    )
-    .unwrap();
+    let (dir, mut p, mut q) = daemon_with_chain("jobs-malformed");
+    add_top(&mut q, &dir);
     // A job for the verbs to act on, held at 1 byte/s.
-    q.cmd(
-        "block-stream",
-        json!({"job-id": "s", "device": "top", "speed": 1}),
-    )
-    .unwrap();
+    slow_stream(&mut q, "s");
     let junk = [
         json!({}),
         json!({"bogus": true}),
@@ -556,7 +476,6 @@ fn malformed_job_commands_get_errors_and_the_daemon_carries_on() {
     assert_eq!(jobs[0]["id"], "s", "{jobs}");
     q.cmd("job-cancel", json!({"id": "s"})).unwrap();
     q.wait_job_status("s", "null");
-    q.cmd("quit", Value::Null).unwrap();
-    assert!(p.0.wait().unwrap().success());
-    ok("qemu-img", &["check", &dir.file("top.qcow2")]);
+    quit(&mut q, &mut p);
+    check(&dir, &["top.qcow2"]);
 }

@@ -7,7 +7,9 @@
 
 mod common;
 
-use common::{have, ok, sluice, start_with_monitor, temp_dir, Outcome, Qmp, TempDir};
+use common::{
+    have, ok, qcow2_overlay, sluice, start_with_monitor, temp_dir, Outcome, Qmp, TempDir,
+};
 use serde_json::{json, Value};
 use std::path::Path;
 
@@ -18,12 +20,7 @@ fn make_images(dir: &TempDir) {
         dir.file("other.qcow2"),
     );
     ok("qemu-img", &["create", "-q", "-f", "qcow2", &base, "4M"]);
-    ok(
-        "qemu-img",
-        &[
-            "create", "-q", "-f", "qcow2", "-b", &base, "-F", "qcow2", &top,
-        ],
-    );
+    qcow2_overlay(&top, &base);
     ok("qemu-img", &["create", "-q", "-f", "qcow2", &other, "4M"]);
     ok("qemu-io", &["-c", "write -P 0x11 0 1M", &base]);
     ok("qemu-io", &["-c", "write -P 0x22 1M 1M", &top]);

@@ -1,6 +1,9 @@
 //! The `file` protocol driver: I/O on both engines, O_DIRECT, dropped
 //! futures, interop and image locking with QEMU's tools, bad input.
 
+mod common;
+
+use common::QemuIo;
 use futures::FutureExt;
 use sluice_core::buf::IoBuf;
 use sluice_core::perm::{Perm, PermPair};
@@ -11,9 +14,8 @@ use sluice_drivers::protocol::file::engine::{self, EngineKind};
 use sluice_drivers::protocol::file::{
     self, parse_cache_mode, Aio, CacheMode, FileDriver, FileOptions, Locking,
 };
-use std::io::{Read, Write};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
@@ -846,64 +848,13 @@ async fn reads_what_qemu_io_wrote_and_qemu_io_reads_ours() {
 // ---------------------------------------------------------------------------
 // Locking
 
-/// `qemu-io -f raw <file>` running interactively, holding the image open
-/// for writing until dropped.
-struct QemuIo {
-    child: Child,
-}
-
-impl QemuIo {
-    fn hold(path: &str) -> QemuIo {
-        let mut child = Command::new("qemu-io")
-            .args(["-f", "raw", path])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        // Wait for the prompt: the image is open (and locked) by then.
-        let mut out = child.stdout.take().unwrap();
-        let mut seen = Vec::new();
-        let mut byte = [0u8; 1];
-        while !seen.ends_with(b"qemu-io> ") {
-            match out.read(&mut byte) {
-                Ok(1) => seen.push(byte[0]),
-                _ => {
-                    let mut err = String::new();
-                    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
-                    panic!(
-                        "qemu-io exited early: {}{err}",
-                        String::from_utf8_lossy(&seen)
-                    );
-                }
-            }
-        }
-        child.stdout = Some(out);
-        QemuIo { child }
-    }
-
-    fn quit(mut self) {
-        let mut stdin = self.child.stdin.take().unwrap();
-        let _ = stdin.write_all(b"quit\n");
-        drop(stdin);
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for QemuIo {
-    fn drop(&mut self) {
-        drop(self.child.stdin.take());
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test]
 async fn sluice_cannot_write_an_image_qemu_io_holds() {
     if !qemu_io_ok("locking") {
         return;
     }
     let f = TempFile::new("lock-qemu", MIB);
-    let q = QemuIo::hold(f.path());
+    let q = QemuIo::hold(&["-f", "raw", f.path()]);
     let err = file::open(&FileOptions::new(f.path()), CacheMode::WRITEBACK, false)
         .await
         .unwrap_err();

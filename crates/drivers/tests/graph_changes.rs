@@ -448,9 +448,7 @@ async fn deleting_a_node_flushes_it_through_its_children_first() {
 async fn a_change_keeps_the_changed_node_quiesced_after_cutting_its_drained_path() {
     let graph = Graph::new();
     let [base, mid, top] = memory_chain(&graph, ["base", "mid", "top"]).await;
-    let root = root_on(&graph, "guest", &top, PermPair::writer())
-        .await
-        .unwrap();
+    let root = guest_on(&graph, &top).await;
     let w = graph.writer().await;
     let drained = w.drain(&mid).await;
     assert!(root.is_quiesced());
@@ -478,9 +476,7 @@ async fn a_change_keeps_the_changed_node_quiesced_after_cutting_its_drained_path
 async fn negative_control_without_the_pin_the_cut_path_releases_the_guest() {
     let graph = Graph::new();
     let [base, mid, top] = memory_chain(&graph, ["base", "mid", "top"]).await;
-    let root = root_on(&graph, "guest", &top, PermPair::writer())
-        .await
-        .unwrap();
+    let root = guest_on(&graph, &top).await;
     let w = graph.writer().await;
     let drained = w.drain(&mid).await;
     let mut tx = w.transaction();

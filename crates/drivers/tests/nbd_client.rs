@@ -167,6 +167,62 @@ impl Drop for Server {
     }
 }
 
+/// `qemu-io -f FMT -c CMD... IMG`, which must succeed.
+fn qemu_io(fmt: &str, img: &Path, cmds: &[&str]) {
+    let mut args = vec!["-f", fmt];
+    for c in cmds {
+        args.extend(["-c", c]);
+    }
+    args.push(s(img));
+    must("qemu-io", &args);
+}
+
+/// `dir/NAME`, a new image of `fmt` and `size` with `writes` by qemu-io.
+fn image(dir: &TempDir, name: &str, fmt: &str, size: &str, writes: &[&str]) -> PathBuf {
+    let img = dir.path(name);
+    must("qemu-img", &["create", "-q", "-f", fmt, s(&img), size]);
+    if !writes.is_empty() {
+        qemu_io(fmt, &img, writes);
+    }
+    img
+}
+
+/// A raw `img.raw` of `size` with `writes`, served by qemu-nbd (with
+/// `extra` options) on `nbd.sock` in a fresh directory `tag`.
+struct Served {
+    dir: TempDir,
+    img: PathBuf,
+    sock: PathBuf,
+    server: Server,
+}
+
+fn served(tag: &str, size: &str, writes: &[&str], extra: &[&str]) -> Served {
+    let dir = TempDir::new(tag);
+    let img = image(&dir, "img.raw", "raw", size, writes);
+    let sock = dir.path("nbd.sock");
+    let server = Server::qemu_nbd(&dir, &sock, &img, "raw", extra);
+    Served {
+        dir,
+        img,
+        sock,
+        server,
+    }
+}
+
+/// `unix_opts` for node `nbd0` on the default export, with `key` set to
+/// `value`.
+fn nbd0_with(sock: &Path, key: &str, value: Value) -> Value {
+    let mut opts = unix_opts("nbd0", sock, "");
+    opts[key] = value;
+    opts
+}
+
+/// `len` bytes at `offset` read through `root` all hold `byte`.
+async fn assert_reads(root: &Root, offset: u64, len: usize, byte: u8) {
+    let b = root.read(offset, len).await.unwrap();
+    assert!(b.iter().all(|&x| x == byte), "at {offset}: not {byte:#x}");
+}
+
 fn unix_opts(name: &str, sock: &Path, export: &str) -> Value {
     json!({
         "driver": "nbd",
@@ -247,22 +303,16 @@ async fn sluice_map(node: &Arc<Node>) -> Runs {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_what_qemu_io_wrote_and_block_status_matches_qemu_img_map() {
     let dir = TempDir::new("read");
-    let img = dir.path("img.qcow2");
-    must("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "8M"]);
-    must(
-        "qemu-io",
+    let img = image(
+        &dir,
+        "img.qcow2",
+        "qcow2",
+        "8M",
         &[
-            "-f",
-            "qcow2",
-            "-c",
             "write -P 0xaa 0 64k",
-            "-c",
             "write -P 0x55 1M 192k",
-            "-c",
             "write -z 3M 64k",
-            "-c",
             "write -P 0x11 5M 4k",
-            s(&img),
         ],
     );
     let expected_map = qemu_map(&img, "qcow2");
@@ -300,16 +350,13 @@ async fn reads_what_qemu_io_wrote_and_block_status_matches_qemu_img_map() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_through_sluice_are_what_qemu_finds_in_the_image() {
-    let dir = TempDir::new("write");
-    let img = dir.path("img.raw");
-    let reference = dir.path("ref.raw");
-    must("qemu-img", &["create", "-q", "-f", "raw", s(&img), "4M"]);
-    must(
-        "qemu-img",
-        &["create", "-q", "-f", "raw", s(&reference), "4M"],
-    );
-    let sock = dir.path("nbd.sock");
-    let mut server = Server::qemu_nbd(&dir, &sock, &img, "raw", &["--discard=unmap"]);
+    let Served {
+        dir,
+        img,
+        sock,
+        mut server,
+    } = served("write", "4M", &[], &["--discard=unmap"]);
+    let reference = image(&dir, "ref.raw", "raw", "4M", &[]);
 
     let graph = Graph::new();
     let node = open(&graph, unix_opts("nbd0", &sock, "")).await.unwrap();
@@ -382,28 +429,16 @@ async fn writes_through_sluice_are_what_qemu_finds_in_the_image() {
     for i in 0..64u64 {
         cmds.push(format!("write -P {} {} 4k", i + 1, 3 * MIB + i * 4096));
     }
-    let mut args = vec!["-f".to_string(), "raw".to_string()];
-    for c in cmds {
-        args.push("-c".into());
-        args.push(c);
-    }
-    args.push(s(&reference).to_string());
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    must("qemu-io", &args);
-    must(
-        "qemu-io",
+    let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    qemu_io("raw", &reference, &cmds);
+    qemu_io(
+        "raw",
+        &img,
         &[
-            "-f",
-            "raw",
-            "-c",
             "read -P 0xaa 0 64k",
-            "-c",
             "read -P 0 64k 36k",
-            "-c",
             "read -P 0x5c 1049088 3000",
-            "-c",
             "read -P 0 2M 64k",
-            s(&img),
         ],
     );
     let out = must(
@@ -416,8 +451,7 @@ async fn writes_through_sluice_are_what_qemu_finds_in_the_image() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_storage_daemon_export_takes_requests_larger_than_its_payload_limit() {
     let dir = TempDir::new("qsd");
-    let img = dir.path("img.qcow2");
-    must("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "64M"]);
+    let img = image(&dir, "img.qcow2", "qcow2", "64M", &[]);
     let sock = dir.path("qsd.sock");
     let args = vec![
         "--blockdev".to_string(),
@@ -453,68 +487,52 @@ async fn qemu_storage_daemon_export_takes_requests_larger_than_its_payload_limit
     drop(graph);
     server.kill();
     // Blocks 0 and 255 of the written range hold 0x3c and 0xc3.
-    must(
-        "qemu-io",
+    qemu_io(
+        "qcow2",
+        &img,
         &[
-            "-f",
-            "qcow2",
-            "-c",
             "read -P 0x3c 1M 4k",
-            "-c",
             "read -P 0xc3 2093056 4k",
-            "-c",
             "read -P 0 0 1M",
-            s(&img),
         ],
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_only_export_refuses_writers() {
-    let dir = TempDir::new("ro");
-    let img = dir.path("img.raw");
-    must("qemu-img", &["create", "-q", "-f", "raw", s(&img), "1M"]);
-    must(
-        "qemu-io",
-        &["-f", "raw", "-c", "write -P 0x42 0 4k", s(&img)],
-    );
-    let sock = dir.path("nbd.sock");
-    let _server = Server::qemu_nbd(&dir, &sock, &img, "raw", &["-r"]);
+    let sv = served("ro", "1M", &["write -P 0x42 0 4k"], &["-r"]);
+    let sock = &sv.sock;
 
     let graph = Graph::new();
-    let err = open(&graph, unix_opts("nbd0", &sock, ""))
+    let err = open(&graph, unix_opts("nbd0", sock, ""))
         .await
         .expect_err("a writable node on a read-only export");
     let msg = err.to_string();
-    assert!(msg.contains("read-only") && msg.contains(s(&sock)), "{msg}");
+    assert!(msg.contains("read-only") && msg.contains(s(sock)), "{msg}");
 
-    let mut opts = unix_opts("nbd0", &sock, "");
-    opts["read-only"] = json!(true);
+    let opts = nbd0_with(sock, "read-only", json!(true));
     let node = open(&graph, opts).await.unwrap();
     let root = ro_root(&graph, &node).await;
-    let b = root.read(0, 4096).await.unwrap();
-    assert!(b.iter().all(|&x| x == 0x42));
+    assert_reads(&root, 0, 4096, 0x42).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_server_fails_requests_without_reconnect_delay() {
-    let dir = TempDir::new("kill");
-    let img = dir.path("img.raw");
-    must("qemu-img", &["create", "-q", "-f", "raw", s(&img), "1M"]);
-    let sock = dir.path("nbd.sock");
-    let mut server = Server::qemu_nbd(&dir, &sock, &img, "raw", &[]);
+    let mut sv = served("kill", "1M", &[], &[]);
     let graph = Graph::new();
-    let node = open(&graph, unix_opts("victim", &sock, "")).await.unwrap();
+    let node = open(&graph, unix_opts("victim", &sv.sock, ""))
+        .await
+        .unwrap();
     let root = rw_root(&graph, &node).await;
     root.read(0, 4096).await.unwrap();
 
-    server.kill();
+    sv.server.kill();
     let err = root.read(4096, 4096).await.expect_err("the server is gone");
     let msg = err.to_string();
-    assert!(msg.contains("victim") && msg.contains(s(&sock)), "{msg}");
+    assert!(msg.contains("victim") && msg.contains(s(&sv.sock)), "{msg}");
     assert_eq!(err.errno(), libc::EIO);
     // Later requests fail at once, even with a server back.
-    server.restart();
+    sv.server.restart();
     let start = Instant::now();
     let err = root
         .write(0, pattern(1, 4096), WriteFlags::default())
@@ -526,14 +544,9 @@ async fn a_killed_server_fails_requests_without_reconnect_delay() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnect_delay_carries_requests_over_a_server_restart() {
-    let dir = TempDir::new("reconnect");
-    let img = dir.path("img.raw");
-    must("qemu-img", &["create", "-q", "-f", "raw", s(&img), "1M"]);
-    let sock = dir.path("nbd.sock");
-    let mut server = Server::qemu_nbd(&dir, &sock, &img, "raw", &[]);
+    let mut sv = served("reconnect", "1M", &[], &[]);
     let graph = Graph::new();
-    let mut opts = unix_opts("nbd0", &sock, "");
-    opts["reconnect-delay"] = json!(60);
+    let opts = nbd0_with(&sv.sock, "reconnect-delay", json!(60));
     let node = open(&graph, opts).await.unwrap();
     let root = Arc::new(rw_root(&graph, &node).await);
     root.write(0, pattern(0x61, 4096), WriteFlags::default())
@@ -541,10 +554,10 @@ async fn reconnect_delay_carries_requests_over_a_server_restart() {
         .unwrap();
     root.flush().await.unwrap();
 
-    server.kill();
+    sv.server.kill();
     let r = root.clone();
     let pending = tokio::spawn(async move { r.read(0, 4096).await });
-    server.restart();
+    sv.server.restart();
     let b = pending
         .await
         .unwrap()
@@ -553,28 +566,22 @@ async fn reconnect_delay_carries_requests_over_a_server_restart() {
     root.write(8192, pattern(0x62, 4096), WriteFlags::default())
         .await
         .unwrap();
-    let b = root.read(8192, 4096).await.unwrap();
-    assert!(b.iter().all(|&x| x == 0x62));
+    assert_reads(&root, 8192, 4096, 0x62).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnect_delay_ends_and_requests_fail() {
-    let dir = TempDir::new("giveup");
-    let img = dir.path("img.raw");
-    must("qemu-img", &["create", "-q", "-f", "raw", s(&img), "1M"]);
-    let sock = dir.path("nbd.sock");
-    let mut server = Server::qemu_nbd(&dir, &sock, &img, "raw", &[]);
+    let mut sv = served("giveup", "1M", &[], &[]);
     let graph = Graph::new();
-    let mut opts = unix_opts("nbd0", &sock, "");
-    opts["reconnect-delay"] = json!(1);
+    let opts = nbd0_with(&sv.sock, "reconnect-delay", json!(1));
     let node = open(&graph, opts).await.unwrap();
     let root = ro_root(&graph, &node).await;
-    server.kill();
+    sv.server.kill();
     let start = Instant::now();
     let err = root.read(0, 4096).await.expect_err("nobody serves");
     let msg = err.to_string();
     assert!(
-        msg.contains("no reconnect within 1 s") && msg.contains(s(&sock)),
+        msg.contains("no reconnect within 1 s") && msg.contains(s(&sv.sock)),
         "{msg}"
     );
     assert!(start.elapsed() < Duration::from_secs(10));
@@ -583,12 +590,7 @@ async fn reconnect_delay_ends_and_requests_fail() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nbd_urls_open_through_image_options() {
     let dir = TempDir::new("url");
-    let img = dir.path("img.raw");
-    must("qemu-img", &["create", "-q", "-f", "raw", s(&img), "1M"]);
-    must(
-        "qemu-io",
-        &["-f", "raw", "-c", "write -P 0x33 4k 4k", s(&img)],
-    );
+    let img = image(&dir, "img.raw", "raw", "1M", &["write -P 0x33 4k 4k"]);
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -4,15 +4,17 @@
 //! and holds what was written, a lock held by `qemu-io` refuses the switch,
 //! and a failed switch leaves every node as it was.
 
+mod common;
+
+use common::QemuIo;
 use serde_json::{json, Value};
 use sluice_core::{
     DebugEvent, Error, Graph, IoBytes, Node, Perm, PermPair, Result, Role, Root, WriteFlags,
 };
 use sluice_drivers::open_with;
 use sluice_drivers::protocol::file::CacheMode;
-use std::io::{Read, Write};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 const MIB: u64 = 1 << 20;
@@ -97,6 +99,50 @@ fn qcow2(dir: &TempDir, name: &str, opts: &str) -> String {
     img
 }
 
+/// A fresh directory `tag`, or `None` (the test is skipped) without
+/// QEMU's tools.
+fn scratch(tag: &str) -> Option<TempDir> {
+    have_qemu().then(|| TempDir::new(tag))
+}
+
+/// `scratch(tag)` holding `a.qcow2` made by `qcow2` with `opts`.
+fn qcow2_scratch(tag: &str, opts: &str) -> Option<(TempDir, String)> {
+    let dir = scratch(tag)?;
+    let img = qcow2(&dir, "a.qcow2", opts);
+    Some((dir, img))
+}
+
+/// `qemu-io -r [FLAGS] -c CMD... IMG` must succeed (its reads check the
+/// pattern).
+fn qemu_io_reads(img: &str, flags: &[&str], cmds: &[&str]) {
+    let mut args = vec!["-r"];
+    args.extend_from_slice(flags);
+    for c in cmds {
+        args.extend(["-c", c]);
+    }
+    args.push(img);
+    ok("qemu-io", &args);
+}
+
+/// A writer root on `node` is refused: the node is read-only.
+async fn assert_no_writer(graph: &Graph, node: &Arc<Node>) {
+    let Err(err) = root(graph, node, writer_perm()).await else {
+        panic!("a writer on a read-only node")
+    };
+    assert!(matches!(err, Error::ReadOnly { .. }), "{err}");
+}
+
+/// A refused reopen left `disk` in `modes` and the graph as `before`.
+fn assert_unchanged(
+    graph: &Graph,
+    disk: &Arc<Node>,
+    want: (bool, bool),
+    before: &sluice_core::GraphSnapshot,
+) {
+    assert_eq!(modes(disk), want);
+    assert_eq!(&graph.snapshot(), before);
+}
+
 async fn open(graph: &Graph, opts: Value, read_only: bool) -> Arc<Node> {
     let w = graph.writer().await;
     open_with(&w, opts, CacheMode::WRITEBACK, read_only)
@@ -146,61 +192,15 @@ fn modes(node: &Arc<Node>) -> (bool, bool) {
     (node.is_read_only(), file.is_read_only())
 }
 
-/// `qemu-io` running interactively on an image, holding it (and its
-/// locks) until dropped.
-struct QemuIo(Child);
-
-impl QemuIo {
-    fn hold(args: &[&str]) -> QemuIo {
-        let mut child = Command::new("qemu-io")
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        // The prompt comes once the image is open and locked.
-        let mut out = child.stdout.take().unwrap();
-        let mut seen = Vec::new();
-        let mut byte = [0u8; 1];
-        while !seen.ends_with(b"qemu-io> ") {
-            match out.read(&mut byte) {
-                Ok(1) => seen.push(byte[0]),
-                _ => {
-                    let mut err = String::new();
-                    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
-                    panic!("qemu-io exited: {}{err}", String::from_utf8_lossy(&seen));
-                }
-            }
-        }
-        child.stdout = Some(out);
-        QemuIo(child)
-    }
-}
-
-impl Drop for QemuIo {
-    fn drop(&mut self) {
-        if let Some(mut stdin) = self.0.stdin.take() {
-            let _ = stdin.write_all(b"quit\n");
-        }
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test]
 async fn read_only_to_read_write_then_writes_work() {
-    if !have_qemu() {
+    let Some((_dir, img)) = qcow2_scratch("ro-rw", "cluster_size=65536") else {
         return;
-    }
-    let dir = TempDir::new("ro-rw");
-    let img = qcow2(&dir, "a.qcow2", "cluster_size=65536");
+    };
     let graph = Graph::new();
     let disk = open(&graph, qcow2_opts(&img), true).await;
     assert_eq!(modes(&disk), (true, true));
-    let Err(err) = root(&graph, &disk, writer_perm()).await else {
-        panic!("a writer on a read-only node")
-    };
-    assert!(matches!(err, Error::ReadOnly { .. }), "{err}");
+    assert_no_writer(&graph, &disk).await;
 
     reopen(&graph, &disk, false).await.unwrap();
     assert_eq!(modes(&disk), (false, false));
@@ -213,30 +213,24 @@ async fn read_only_to_read_write_then_writes_work() {
     close(&graph, &disk).await;
 
     assert_clean(&img);
-    ok(
-        "qemu-io",
+    qemu_io_reads(
+        &img,
+        &[],
         &[
-            "-r",
-            "-c",
             "read -P 0x11 0 1M",
-            "-c",
             "read -P 0x22 2M 66048",
-            "-c",
             "read -P 0 1M 1M",
-            &img,
         ],
     );
 }
 
 #[tokio::test]
 async fn read_write_to_read_only_flushes_and_refuses_writes() {
-    if !have_qemu() {
-        return;
-    }
-    let dir = TempDir::new("rw-ro");
     // Lazy refcounts: writes set the dirty bit, which a switch to
     // read-only must clear (as a close does).
-    let img = qcow2(&dir, "a.qcow2", "lazy_refcounts=on");
+    let Some((_dir, img)) = qcow2_scratch("rw-ro", "lazy_refcounts=on") else {
+        return;
+    };
     let graph = Graph::new();
     let disk = open(&graph, qcow2_opts(&img), false).await;
     let r = root(&graph, &disk, writer_perm()).await.unwrap();
@@ -247,18 +241,14 @@ async fn read_write_to_read_only_flushes_and_refuses_writes() {
     let before = graph.snapshot();
     let err = reopen(&graph, &disk, true).await.unwrap_err();
     assert!(matches!(err, Error::ReadOnly { .. }), "{err}");
-    assert_eq!(modes(&disk), (false, false));
-    assert_eq!(graph.snapshot(), before);
+    assert_unchanged(&graph, &disk, (false, false), &before);
     write(&r, 3 * MIB, 4096, 0x44).await.unwrap();
     drop(r);
 
     reopen(&graph, &disk, true).await.unwrap();
     assert_eq!(modes(&disk), (true, true));
     assert_eq!(incompatible_features(&img), 0, "marked clean");
-    let Err(err) = root(&graph, &disk, writer_perm()).await else {
-        panic!("a writer on a read-only node")
-    };
-    assert!(matches!(err, Error::ReadOnly { .. }), "{err}");
+    assert_no_writer(&graph, &disk).await;
     let err = disk
         .write(0, IoBytes::copy_from(&[0u8; 512]), WriteFlags::default())
         .await
@@ -266,17 +256,10 @@ async fn read_write_to_read_only_flushes_and_refuses_writes() {
     assert!(matches!(err, Error::ReadOnly { .. }), "{err}");
     // Still open in sluice, read-only: the image on disk is whole.
     assert_clean(&img);
-    ok(
-        "qemu-io",
-        &[
-            "-r",
-            "-U",
-            "-c",
-            "read -P 0x33 1M 196608",
-            "-c",
-            "read -P 0x44 3M 4096",
-            &img,
-        ],
+    qemu_io_reads(
+        &img,
+        &["-U"],
+        &["read -P 0x33 1M 196608", "read -P 0x44 3M 4096"],
     );
     let r = root(&graph, &disk, PermPair::reader()).await.unwrap();
     let got = r.read(MIB, 512).await.unwrap();
@@ -285,11 +268,9 @@ async fn read_write_to_read_only_flushes_and_refuses_writes() {
 
 #[tokio::test]
 async fn qemu_io_holding_the_image_refuses_read_write() {
-    if !have_qemu() {
+    let Some((_dir, img)) = qcow2_scratch("conflict", "cluster_size=65536") else {
         return;
-    }
-    let dir = TempDir::new("conflict");
-    let img = qcow2(&dir, "a.qcow2", "cluster_size=65536");
+    };
     let graph = Graph::new();
     let disk = open(&graph, qcow2_opts(&img), true).await;
     let r = root(&graph, &disk, PermPair::reader()).await.unwrap();
@@ -299,8 +280,7 @@ async fn qemu_io_holding_the_image_refuses_read_write() {
     let err = reopen(&graph, &disk, false).await.unwrap_err().to_string();
     assert!(err.contains("Failed to get \"write\" lock"), "{err}");
     assert!(err.contains("Is another process using the image"), "{err}");
-    assert_eq!(modes(&disk), (true, true));
-    assert_eq!(graph.snapshot(), before);
+    assert_unchanged(&graph, &disk, (true, true), &before);
     let got = r.read(0, 4096).await.unwrap();
     assert!(got.iter().all(|&b| b == 0x11), "still reads");
     drop(q);
@@ -314,10 +294,9 @@ async fn qemu_io_holding_the_image_refuses_read_write() {
 
 #[tokio::test]
 async fn qemu_io_writing_a_raw_file_refuses_read_write() {
-    if !have_qemu() {
+    let Some(dir) = scratch("conflict-raw") else {
         return;
-    }
-    let dir = TempDir::new("conflict-raw");
+    };
     let img = dir.file("a.raw");
     ok("qemu-img", &["create", "-q", "-f", "raw", &img, "1M"]);
     let graph = Graph::new();
@@ -350,11 +329,9 @@ async fn qemu_io_writing_a_raw_file_refuses_read_write() {
 
 #[tokio::test]
 async fn a_failing_step_rolls_everything_back() {
-    if !have_qemu() {
+    let Some((_dir, img)) = qcow2_scratch("rollback", "cluster_size=65536") else {
         return;
-    }
-    let dir = TempDir::new("rollback");
-    let img = qcow2(&dir, "a.qcow2", "cluster_size=65536");
+    };
     set_incompatible_features(&img, 2);
     let graph = Graph::new();
     let disk = open(&graph, qcow2_opts(&img), true).await;
@@ -367,21 +344,19 @@ async fn a_failing_step_rolls_everything_back() {
         err.contains("Image is corrupt; cannot be opened read/write"),
         "{err}"
     );
-    assert_eq!(modes(&disk), (true, true));
-    assert_eq!(graph.snapshot(), before);
+    assert_unchanged(&graph, &disk, (true, true), &before);
     r.read(0, 4096).await.unwrap();
     // The file is read-only again and holds no write lock: qemu-io may
     // open it (read-only, as the corrupt image allows).
-    ok("qemu-io", &["-r", "-c", "read -P 0x11 0 4096", &img]);
+    qemu_io_reads(&img, &[], &["read -P 0x11 0 4096"]);
     assert_eq!(incompatible_features(&img), 2, "nothing written");
 }
 
 #[tokio::test]
 async fn a_dirty_image_is_repaired_when_it_becomes_writable() {
-    if !have_qemu() {
+    let Some(dir) = scratch("dirty") else {
         return;
-    }
-    let dir = TempDir::new("dirty");
+    };
     let img = dir.file("a.qcow2");
     ok(
         "qemu-img",
@@ -411,26 +386,14 @@ async fn a_dirty_image_is_repaired_when_it_becomes_writable() {
     drop(r);
     close(&graph, &disk).await;
     assert_clean(&img);
-    ok(
-        "qemu-io",
-        &[
-            "-r",
-            "-c",
-            "read -P 0x66 0 256k",
-            "-c",
-            "read -P 0x77 1M 64k",
-            &img,
-        ],
-    );
+    qemu_io_reads(&img, &[], &["read -P 0x66 0 256k", "read -P 0x77 1M 64k"]);
 }
 
 #[tokio::test]
 async fn the_drain_must_cover_every_node_switched() {
-    if !have_qemu() {
+    let Some((_dir, img)) = qcow2_scratch("drain", "cluster_size=65536") else {
         return;
-    }
-    let dir = TempDir::new("drain");
-    let img = qcow2(&dir, "a.qcow2", "cluster_size=65536");
+    };
     let graph = Graph::new();
     let disk = open(&graph, qcow2_opts(&img), true).await;
     let w = graph.writer().await;
@@ -505,11 +468,9 @@ fn resume(disk: &Arc<Node>) {
 
 #[tokio::test]
 async fn a_reopen_waits_for_requests_in_flight() {
-    if !have_qemu() {
+    let Some((_dir, img)) = qcow2_scratch("in-flight", "cluster_size=65536") else {
         return;
-    }
-    let dir = TempDir::new("in-flight");
-    let img = qcow2(&dir, "a.qcow2", "cluster_size=65536");
+    };
     let graph = Graph::new();
     let (disk, read) = parked_read(&graph, &img).await;
     let (g, d) = (graph.clone(), disk.clone());
@@ -532,11 +493,9 @@ async fn a_reopen_waits_for_requests_in_flight() {
 /// drain switches every node while the read is still inside them.
 #[tokio::test]
 async fn without_the_drain_a_reopen_runs_under_requests_in_flight() {
-    if !have_qemu() {
+    let Some((_dir, img)) = qcow2_scratch("in-flight-control", "cluster_size=65536") else {
         return;
-    }
-    let dir = TempDir::new("in-flight-control");
-    let img = qcow2(&dir, "a.qcow2", "cluster_size=65536");
+    };
     let graph = Graph::new();
     let (disk, read) = parked_read(&graph, &img).await;
     {

@@ -8,7 +8,7 @@ mod common;
 use common::*;
 use futures::future::join_all;
 use serde_json::{json, Value};
-use sluice_core::{Graph, IoBytes, Node, PermPair, Root, WriteFlags};
+use sluice_core::{Graph, IoBuf, IoBytes, Node, PermPair, Root, WriteFlags};
 use sluice_drivers::filter::throttle::{create_group, remove_group, RemoveError, ThrottleConfig};
 use std::sync::Arc;
 use std::time::Duration;
@@ -167,22 +167,33 @@ async fn no_limit_means_no_wait() {
     assert_eq!(*done.iter().max().unwrap(), Duration::ZERO);
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_drain_lets_queued_requests_through() {
-    group("t-drain", json!({"iops-total": 1}));
-    let graph = Graph::new();
-    let (node, root) = throttled(&graph, "t", "t-drain").await;
-    let root = Arc::new(root);
+/// Five 512-byte reads through `root` on tasks of their own, returned
+/// once four of them are in flight in the filter `node` (at 1 iops, the
+/// first goes at once and the others queue).
+async fn five_reads_four_queued(
+    root: &Arc<Root>,
+    node: &Arc<Node>,
+) -> Vec<tokio::task::JoinHandle<IoBuf>> {
     let tasks: Vec<_> = (0..5u64)
         .map(|i| {
             let root = root.clone();
             tokio::spawn(async move { root.read(i * 512, 512).await.unwrap() })
         })
         .collect();
-    // The first goes at once; the other four queue in the filter, in flight.
     while node.in_flight() < 4 {
         tokio::task::yield_now().await;
     }
+    tasks
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_drain_lets_queued_requests_through() {
+    group("t-drain", json!({"iops-total": 1}));
+    let graph = Graph::new();
+    let (node, root) = throttled(&graph, "t", "t-drain").await;
+    let root = Arc::new(root);
+    // The first goes at once; the other four queue in the filter, in flight.
+    let tasks = five_reads_four_queued(&root, &node).await;
     let start = Instant::now();
     {
         let w = graph.writer().await;
@@ -207,15 +218,7 @@ async fn new_limits_apply_to_queued_requests() {
     let graph = Graph::new();
     let (node, root) = throttled(&graph, "t", "t-reconfig").await;
     let root = Arc::new(root);
-    let tasks: Vec<_> = (0..5u64)
-        .map(|i| {
-            let root = root.clone();
-            tokio::spawn(async move { root.read(i * 512, 512).await.unwrap() })
-        })
-        .collect();
-    while node.in_flight() < 4 {
-        tokio::task::yield_now().await;
-    }
+    let tasks = five_reads_four_queued(&root, &node).await;
     // `qom-set ... limits`: lifting the limit lets the queue go at once
     // rather than at the old pace (4 s).
     let start = Instant::now();

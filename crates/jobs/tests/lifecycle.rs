@@ -3,9 +3,10 @@
 
 mod common;
 
-use common::{events, names, Scripted};
+use common::{assert_names, events, names, Scripted};
 use sluice_core::{Error, Graph};
-use sluice_jobs::{ErrorAction, JobManager, JobOptions, JobStatus, JobTxn, OnError};
+use sluice_jobs::{ErrorAction, Job, JobManager, JobOptions, JobStatus, JobTxn, OnError};
+use std::sync::Arc;
 
 fn setup() -> (
     JobManager,
@@ -24,17 +25,9 @@ async fn a_job_that_succeeds_with_auto_finalize_and_dismiss() {
     let job = jobs.spawn(JobOptions::new("j"), s.boxed()).unwrap();
     assert_eq!(job.wait_concluded().await, None);
     job.wait_for(|st| st == JobStatus::Null).await;
-    assert_eq!(
-        names(&mut rx),
-        [
-            "created",
-            "running",
-            "waiting",
-            "pending",
-            "BLOCK_JOB_COMPLETED",
-            "concluded",
-            "null"
-        ]
+    assert_names(
+        &mut rx,
+        "created running waiting pending BLOCK_JOB_COMPLETED concluded null",
     );
     assert_eq!(*s.calls.lock(), ["prepare", "commit", "clean"]);
     assert!(jobs.get("j").is_none(), "a dismissed job leaves the list");
@@ -88,16 +81,9 @@ async fn cancel_while_running() {
         Some("Operation canceled")
     );
     job.wait_for(|st| st == JobStatus::Null).await;
-    assert_eq!(
-        names(&mut rx),
-        [
-            "created",
-            "running",
-            "aborting",
-            "BLOCK_JOB_CANCELLED",
-            "concluded",
-            "null"
-        ]
+    assert_names(
+        &mut rx,
+        "created running aborting BLOCK_JOB_CANCELLED concluded null",
     );
     assert_eq!(
         *s.calls.lock(),
@@ -126,19 +112,9 @@ async fn pause_and_resume_park_at_a_pause_point() {
     assert_eq!(s.gate.available_permits(), 3);
     job.resume().unwrap();
     job.wait_concluded().await;
-    assert_eq!(
-        names(&mut rx),
-        [
-            "created",
-            "running",
-            "paused",
-            "running",
-            "waiting",
-            "pending",
-            "BLOCK_JOB_COMPLETED",
-            "concluded",
-            "null"
-        ]
+    assert_names(
+        &mut rx,
+        "created running paused running waiting pending BLOCK_JOB_COMPLETED concluded null",
     );
 }
 
@@ -156,22 +132,7 @@ async fn ready_standby_and_complete() {
     job.wait_for(|st| st == JobStatus::Ready).await;
     job.complete().unwrap();
     assert_eq!(job.wait_concluded().await, None);
-    assert_eq!(
-        names(&mut rx),
-        [
-            "created",
-            "running",
-            "ready",
-            "BLOCK_JOB_READY",
-            "standby",
-            "ready",
-            "waiting",
-            "pending",
-            "BLOCK_JOB_COMPLETED",
-            "concluded",
-            "null"
-        ]
-    );
+    assert_names(&mut rx, "created running ready BLOCK_JOB_READY standby ready waiting pending BLOCK_JOB_COMPLETED concluded null");
 }
 
 #[tokio::test]
@@ -224,13 +185,19 @@ async fn a_failed_prepare_aborts_the_job() {
     );
 }
 
-#[tokio::test]
-async fn a_group_finalizes_together_and_aborts_together() {
-    // Success: the first job to finish waits for the second.
-    let (jobs, _rx) = setup();
+/// Jobs `a` and `b` running `a` and `b`, created in one transaction on a
+/// fresh manager (returned with its events), then started.
+fn started_group(
+    a: &Scripted,
+    b: &Scripted,
+) -> (
+    JobManager,
+    tokio::sync::mpsc::UnboundedReceiver<sluice_jobs::JobEvent>,
+    Arc<Job>,
+    Arc<Job>,
+) {
+    let (jobs, rx) = setup();
     let txn = JobTxn::new();
-    let a = Scripted::new(0);
-    let b = Scripted::new(1);
     let ja = jobs
         .create(JobOptions::new("a"), a.boxed(), Some(txn.clone()))
         .unwrap();
@@ -239,6 +206,15 @@ async fn a_group_finalizes_together_and_aborts_together() {
         .unwrap();
     jobs.start(&ja);
     jobs.start(&jb);
+    (jobs, rx, ja, jb)
+}
+
+#[tokio::test]
+async fn a_group_finalizes_together_and_aborts_together() {
+    // Success: the first job to finish waits for the second.
+    let a = Scripted::new(0);
+    let b = Scripted::new(1);
+    let (_jobs, _rx, ja, jb) = started_group(&a, &b);
     ja.wait_for(|st| st == JobStatus::Waiting).await;
     assert!(a.calls.lock().is_empty(), "a waits for b before preparing");
     b.gate.add_permits(1);
@@ -248,19 +224,10 @@ async fn a_group_finalizes_together_and_aborts_together() {
     assert_eq!(*b.calls.lock(), ["prepare", "commit", "clean"]);
 
     // Failure of one: the other is cancelled and both abort.
-    let (jobs, _rx) = setup();
-    let txn = JobTxn::new();
     let mut a = Scripted::new(0);
     a.fail_run = true;
     let b = Scripted::new(10);
-    let ja = jobs
-        .create(JobOptions::new("a"), a.boxed(), Some(txn.clone()))
-        .unwrap();
-    let jb = jobs
-        .create(JobOptions::new("b"), b.boxed(), Some(txn))
-        .unwrap();
-    jobs.start(&ja);
-    jobs.start(&jb);
+    let (_jobs, _rx, ja, jb) = started_group(&a, &b);
     assert_eq!(
         ja.wait_concluded().await.as_deref(),
         Some("scripted failure")

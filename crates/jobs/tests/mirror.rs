@@ -5,65 +5,50 @@ mod common;
 #[path = "../../drivers/tests/common/mod.rs"]
 mod dcommon;
 
-use common::{assert_same, contents, guest_writes, job_seed, names};
-use dcommon::{add, fill, memory_chain, root_on, MIB};
-use parking_lot::Mutex;
-use rand::{rngs::SmallRng, SeedableRng};
-use serde_json::json;
-use sluice_core::{Graph, IoBytes, Node, PermPair, Root, WriteFlags};
+use common::{
+    assert_guest_view, assert_names, assert_same, contents, names, seeded_rng,
+    writes_around_ready_then_complete, writes_into,
+};
+use dcommon::{base_top, filled_chain, guest_on, memory_node, MIB};
+use sluice_core::{Graph, IoBytes, Node, Root, WriteFlags};
 use sluice_jobs::mirror::{self, CopyMode, MirrorParams, SyncMode};
 use sluice_jobs::{JobManager, JobOptions, JobStatus};
 use std::sync::Arc;
 
 /// base (0x11 everywhere) ← top (0x22 in its second quarter), a guest on
 /// top, and an empty target.
-async fn setup(graph: &Graph) -> (Arc<Node>, Arc<Node>, Arc<Node>, Arc<Root>, Mutex<Vec<u8>>) {
-    let [base, top] = memory_chain(graph, ["base", "top"]).await;
-    fill(graph, &base, 0, MIB as usize, 0x11).await;
-    fill(graph, &top, 256 << 10, 256 << 10, 0x22).await;
-    let w = graph.writer().await;
-    let target = add(
-        &w,
-        json!({"driver": "memory", "node-name": "target", "size": MIB}),
+async fn setup(graph: &Graph) -> (Arc<Node>, Arc<Node>, Arc<Node>, Root, Vec<u8>) {
+    let (base, top, m) = base_top(graph).await;
+    let target = memory_node(graph, "target", None).await;
+    let guest = guest_on(graph, &top).await;
+    (base, top, target, guest, m)
+}
+
+/// Starts a mirror of `top` onto `target` as job `m`.
+async fn start_mirror(
+    jobs: &JobManager,
+    top: &Arc<Node>,
+    target: &Arc<Node>,
+    sync: SyncMode,
+) -> Arc<sluice_jobs::Job> {
+    mirror::start(
+        jobs,
+        JobOptions::new("m"),
+        MirrorParams::new(top, target, sync),
     )
-    .await;
-    drop(w);
-    let mut m = vec![0x11u8; MIB as usize];
-    m[256 << 10..512 << 10].fill(0x22);
-    let guest = Arc::new(
-        root_on(graph, "guest", &top, PermPair::writer())
-            .await
-            .unwrap(),
-    );
-    (base, top, target, guest, Mutex::new(m))
+    .await
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mirror_full_ready_then_complete_while_writing() {
-    let seed = job_seed();
-    let mut rng = SmallRng::seed_from_u64(seed);
+    let (seed, mut rng) = seeded_rng();
     let graph = Graph::new();
-    let (_base, top, target, guest, model) = setup(&graph).await;
+    let (_base, top, target, guest, mut model) = setup(&graph).await;
     let jobs = JobManager::new(graph.clone());
     let mut rx = jobs.events().subscribe();
-    let job = mirror::start(
-        &jobs,
-        JobOptions::new("m"),
-        MirrorParams::new(&top, &target, SyncMode::Full),
-    )
-    .await
-    .unwrap();
-    guest_writes(&guest, MIB as usize, &mut rng, 32, |o, l, b| {
-        model.lock()[o..o + l].fill(b)
-    })
-    .await;
-    job.wait_for(|s| s == JobStatus::Ready).await;
-    guest_writes(&guest, MIB as usize, &mut rng, 32, |o, l, b| {
-        model.lock()[o..o + l].fill(b)
-    })
-    .await;
-    job.complete().unwrap();
-    assert_eq!(job.wait_concluded().await, None, "seed {seed}");
+    let job = start_mirror(&jobs, &top, &target, SyncMode::Full).await;
+    writes_around_ready_then_complete(&job, &guest, &mut rng, 32, &mut model, seed).await;
     assert!(
         Arc::ptr_eq(&guest.node(), &target),
         "the guest now writes to the target"
@@ -72,51 +57,24 @@ async fn mirror_full_ready_then_complete_while_writing() {
         .nodes()
         .iter()
         .all(|n| n.driver_name() != "mirror_top"));
-    let want = model.lock().clone();
-    assert_same(
-        &guest.read(0, MIB as usize).await.unwrap(),
-        &want,
-        "guest view",
-        seed,
-    );
-    assert_same(&contents(&graph, &target).await, &want, "target", seed);
-    let n = names(&mut rx);
-    assert_eq!(
-        n,
-        [
-            "created",
-            "running",
-            "ready",
-            "BLOCK_JOB_READY",
-            "waiting",
-            "pending",
-            "BLOCK_JOB_COMPLETED",
-            "concluded",
-            "null"
-        ]
+    assert_guest_view(&guest, &model, seed).await;
+    assert_same(&contents(&graph, &target).await, &model, "target", seed);
+    assert_names(
+        &mut rx,
+        "created running ready BLOCK_JOB_READY waiting pending BLOCK_JOB_COMPLETED concluded null",
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mirror_cancel_after_ready_leaves_a_consistent_copy_unpivoted() {
-    let seed = job_seed();
-    let mut rng = SmallRng::seed_from_u64(seed);
+    let (seed, mut rng) = seeded_rng();
     let graph = Graph::new();
-    let (_base, top, target, guest, model) = setup(&graph).await;
+    let (_base, top, target, guest, mut model) = setup(&graph).await;
     let jobs = JobManager::new(graph.clone());
     let mut rx = jobs.events().subscribe();
-    let job = mirror::start(
-        &jobs,
-        JobOptions::new("m"),
-        MirrorParams::new(&top, &target, SyncMode::Full),
-    )
-    .await
-    .unwrap();
+    let job = start_mirror(&jobs, &top, &target, SyncMode::Full).await;
     job.wait_for(|s| s == JobStatus::Ready).await;
-    guest_writes(&guest, MIB as usize, &mut rng, 48, |o, l, b| {
-        model.lock()[o..o + l].fill(b)
-    })
-    .await;
+    writes_into(&guest, &mut rng, 48, &mut model).await;
     job.cancel(false).await.unwrap();
     assert_eq!(
         job.wait_concluded().await,
@@ -124,8 +82,7 @@ async fn mirror_cancel_after_ready_leaves_a_consistent_copy_unpivoted() {
         "a soft cancel is a success"
     );
     assert!(Arc::ptr_eq(&guest.node(), &top), "no pivot");
-    let want = model.lock().clone();
-    assert_same(&contents(&graph, &target).await, &want, "target", seed);
+    assert_same(&contents(&graph, &target).await, &model, "target", seed);
     let n = names(&mut rx);
     assert!(
         n.contains(&"BLOCK_JOB_COMPLETED".into()) && !n.contains(&"BLOCK_JOB_CANCELLED".into()),
@@ -173,22 +130,10 @@ async fn write_blocking_mode_writes_through_to_the_target() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mirror_sync_top_onto_a_target_sharing_the_base() {
     let graph = Graph::new();
-    let (_base, top, _t, guest, model) = setup(&graph).await;
-    let w = graph.writer().await;
-    let target = add(
-        &w,
-        json!({"driver": "memory", "node-name": "target2", "size": MIB, "backing": "base"}),
-    )
-    .await;
-    drop(w);
+    let (_base, top, _t, guest, mut model) = setup(&graph).await;
+    let target = memory_node(&graph, "target2", Some("base")).await;
     let jobs = JobManager::new(graph.clone());
-    let job = mirror::start(
-        &jobs,
-        JobOptions::new("m"),
-        MirrorParams::new(&top, &target, SyncMode::Top),
-    )
-    .await
-    .unwrap();
+    let job = start_mirror(&jobs, &top, &target, SyncMode::Top).await;
     job.wait_for(|s| s == JobStatus::Ready).await;
     guest
         .write(
@@ -198,17 +143,11 @@ async fn mirror_sync_top_onto_a_target_sharing_the_base() {
         )
         .await
         .unwrap();
-    model.lock()[768 << 10..(768 << 10) + 4096].fill(0x44);
+    model[768 << 10..(768 << 10) + 4096].fill(0x44);
     job.complete().unwrap();
     assert_eq!(job.wait_concluded().await, None);
     assert!(Arc::ptr_eq(&guest.node(), &target));
-    let want = model.lock().clone();
-    assert_same(
-        &guest.read(0, MIB as usize).await.unwrap(),
-        &want,
-        "guest view",
-        0,
-    );
+    assert_guest_view(&guest, &model, 0).await;
     // Only top's layer and the new write were copied: base's part stays
     // base's, unallocated in the target.
     for (off, copied) in [
@@ -228,13 +167,7 @@ async fn mirror_sync_none_copies_only_new_writes() {
     let graph = Graph::new();
     let (_base, top, target, guest, _model) = setup(&graph).await;
     let jobs = JobManager::new(graph.clone());
-    let job = mirror::start(
-        &jobs,
-        JobOptions::new("m"),
-        MirrorParams::new(&top, &target, SyncMode::None),
-    )
-    .await
-    .unwrap();
+    let job = start_mirror(&jobs, &top, &target, SyncMode::None).await;
     job.wait_for(|s| s == JobStatus::Ready).await;
     guest
         .write(0, IoBytes::copy_from(&[0x77; 4096]), WriteFlags::default())
@@ -255,47 +188,28 @@ async fn mirror_sync_none_copies_only_new_writes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn active_commit_pivots_the_guest_onto_the_base() {
-    let seed = job_seed();
-    let mut rng = SmallRng::seed_from_u64(seed);
+    let (seed, mut rng) = seeded_rng();
     let graph = Graph::new();
-    let [base, mid, top] = memory_chain(&graph, ["base", "mid", "top"]).await;
-    fill(&graph, &base, 0, MIB as usize, 0x11).await;
-    fill(&graph, &mid, 128 << 10, 256 << 10, 0x22).await;
-    fill(&graph, &top, 512 << 10, 128 << 10, 0x33).await;
-    let mut m = vec![0x11u8; MIB as usize];
-    m[128 << 10..384 << 10].fill(0x22);
-    m[512 << 10..640 << 10].fill(0x33);
-    let model = Mutex::new(m);
-    let guest = Arc::new(
-        root_on(&graph, "guest", &top, PermPair::writer())
-            .await
-            .unwrap(),
-    );
+    let ([base, mid, top], mut model) = filled_chain(
+        &graph,
+        ["base", "mid", "top"],
+        &[
+            (0, 0, MIB as usize, 0x11),
+            (1, 128 << 10, 256 << 10, 0x22),
+            (2, 512 << 10, 128 << 10, 0x33),
+        ],
+    )
+    .await;
+    let guest = guest_on(&graph, &top).await;
     let jobs = JobManager::new(graph.clone());
     let mut rx = jobs.events().subscribe();
     let job = mirror::start_active_commit(&jobs, JobOptions::new("c"), &top, &base, None)
         .await
         .unwrap();
     assert_eq!(job.job_type(), "commit");
-    guest_writes(&guest, MIB as usize, &mut rng, 16, |o, l, b| {
-        model.lock()[o..o + l].fill(b)
-    })
-    .await;
-    job.wait_for(|s| s == JobStatus::Ready).await;
-    guest_writes(&guest, MIB as usize, &mut rng, 16, |o, l, b| {
-        model.lock()[o..o + l].fill(b)
-    })
-    .await;
-    job.complete().unwrap();
-    assert_eq!(job.wait_concluded().await, None, "seed {seed}");
+    writes_around_ready_then_complete(&job, &guest, &mut rng, 16, &mut model, seed).await;
     assert!(Arc::ptr_eq(&guest.node(), &base), "the guest now uses base");
-    let want = model.lock().clone();
-    assert_same(
-        &guest.read(0, MIB as usize).await.unwrap(),
-        &want,
-        "guest view",
-        seed,
-    );
+    assert_guest_view(&guest, &model, seed).await;
     let n = names(&mut rx);
     assert!(n.contains(&"BLOCK_JOB_READY".into()) && n.contains(&"BLOCK_JOB_COMPLETED".into()));
     drop(mid);

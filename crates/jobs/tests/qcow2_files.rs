@@ -9,17 +9,20 @@ mod dcommon;
 #[path = "../../qcow2/tests/common/mod.rs"]
 mod qcommon;
 
-use common::{guest_writes, job_seed};
+use common::{
+    assert_guest_view, seeded_rng, stream_cancelled_at_its_first_copy,
+    writes_around_ready_then_complete, writes_into,
+};
 
-use qcommon::{qemu_img, qemu_io, TempDir, MIB};
-use rand::{rngs::SmallRng, SeedableRng};
+use qcommon::{create_overlay, create_qcow2, qemu_img, qemu_io, TempDir, MIB};
+use rand::rngs::SmallRng;
 use serde_json::{json, Value};
-use sluice_core::{Graph, Node, PermPair, Role, Root};
+use sluice_core::{Graph, Node, Role, Root};
 use sluice_jobs::backup::{self, BackupParams};
 use sluice_jobs::commit::{self, CommitParams};
 use sluice_jobs::mirror::{self, MirrorParams, SyncMode};
 use sluice_jobs::stream::{self, StreamParams};
-use sluice_jobs::{JobManager, JobOptions, JobStatus};
+use sluice_jobs::{Job, JobManager, JobOptions, JobStatus};
 use std::sync::Arc;
 
 /// Files `name.qcow2` for each name, each backed by the one before, with
@@ -33,14 +36,10 @@ fn make_chain(
     let mut paths: Vec<String> = Vec::new();
     for (i, n) in names.iter().enumerate() {
         let p = dir.path(&format!("{n}.qcow2"));
-        let mut args = vec!["create", "-q", "-f", "qcow2"];
-        let prev;
-        if i > 0 {
-            prev = paths[i - 1].clone();
-            args.extend(["-b", prev.as_str(), "-F", "qcow2"]);
+        match i {
+            0 => create_qcow2(&p, "", "1M"),
+            _ => create_overlay(&p, &paths[i - 1], "1M"),
         }
-        args.extend([p.as_str(), "1M"]);
-        qemu_img(&args);
         paths.push(p);
     }
     let mut model = vec![0u8; MIB as usize];
@@ -71,17 +70,6 @@ async fn open_chain(graph: &Graph, names: &[&str], paths: &[String]) -> Vec<Arc<
         );
     }
     nodes
-}
-
-/// The guest's view equals the model while sluice still has the images.
-async fn assert_view(root: &Root, model: &[u8], seed: u64) {
-    let got = root.read(0, model.len()).await.unwrap();
-    if let Some(i) = (0..model.len()).find(|&i| got[i] != model[i]) {
-        panic!(
-            "seed {seed}: the guest reads {:#x} at {i}; the model says {:#x}",
-            got[i], model[i]
-        );
-    }
 }
 
 /// Closes every node, top first, so caches reach the files.
@@ -129,43 +117,95 @@ fn chain_of(img: &str) -> Vec<String> {
         .collect()
 }
 
+/// base.qcow2 filled, then an intermediate and a top layer each partly.
+const COMMIT_FILLS: &[(usize, u64, u64, u8)] = &[
+    (0, 0, MIB, 0x11),
+    (1, 128 << 10, 512 << 10, 0x22),
+    (2, 0, 64 << 10, 0x33),
+];
+
+/// base.qcow2 filled, top.qcow2 over its first 256 KiB.
+const BASE_TOP_FILLS: &[(usize, u64, u64, u8)] = &[(0, 0, MIB, 0x11), (1, 0, 256 << 10, 0x22)];
+
+/// A `make_chain` opened in a fresh graph with the guest on the top node.
+struct Chain {
+    dir: TempDir,
+    paths: Vec<String>,
+    model: Vec<u8>,
+    graph: Graph,
+    nodes: Vec<Arc<Node>>,
+    guest: Root,
+    jobs: JobManager,
+}
+
+async fn guest_chain(tag: &str, names: &[&str], fills: &[(usize, u64, u64, u8)]) -> Chain {
+    let dir = TempDir::new(tag);
+    let (paths, model) = make_chain(&dir, names, fills);
+    let graph = Graph::new();
+    let nodes = open_chain(&graph, names, &paths).await;
+    let guest = dcommon::guest_on(&graph, nodes.last().unwrap()).await;
+    let jobs = JobManager::new(graph.clone());
+    Chain {
+        dir,
+        paths,
+        model,
+        graph,
+        nodes,
+        guest,
+        jobs,
+    }
+}
+
+impl Chain {
+    /// Drops the nodes and the guest and closes every node, so the files
+    /// are final; returns the directory, the paths and the model.
+    async fn close(self) -> (TempDir, Vec<String>, Vec<u8>) {
+        drop(self.nodes);
+        close_all(&self.graph, vec![self.guest]).await;
+        (self.dir, self.paths, self.model)
+    }
+}
+
+/// 24 guest writes while `job` runs; it concludes without error and the
+/// guest reads the model.
+async fn writes_then_concluded(job: &Arc<Job>, c: &mut Chain, rng: &mut SmallRng, seed: u64) {
+    writes_into(&c.guest, rng, 24, &mut c.model).await;
+    assert_eq!(job.wait_concluded().await, None, "seed {seed}");
+    assert_guest_view(&c.guest, &c.model, seed).await;
+}
+
+/// A fresh `target.qcow2` in `dir`, opened as node `target`.
+async fn add_target(dir: &TempDir, graph: &Graph) -> (String, Arc<Node>) {
+    let target = dir.path("target.qcow2");
+    create_qcow2(&target, "", "1M");
+    let w = graph.writer().await;
+    let t = dcommon::add(&w, json!({"driver": "qcow2", "node-name": "target", "file": {"driver": "file", "filename": target}})).await;
+    (target, t)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_to_an_intermediate_base_on_qcow2_files() {
-    let seed = job_seed();
-    let mut rng = SmallRng::seed_from_u64(seed);
-    let dir = TempDir::new("stream");
-    let names = ["base", "m1", "m2", "top"];
-    let (paths, mut model) = make_chain(
-        &dir,
-        &names,
+    let (seed, mut rng) = seeded_rng();
+    let mut c = guest_chain(
+        "stream",
+        &["base", "m1", "m2", "top"],
         &[
             (0, 0, MIB, 0x11),
             (1, 256 << 10, 256 << 10, 0x22),
             (2, 384 << 10, 256 << 10, 0x33),
             (3, 0, 64 << 10, 0x44),
         ],
-    );
-    let graph = Graph::new();
-    let nodes = open_chain(&graph, &names, &paths).await;
-    let guest = dcommon::root_on(&graph, "guest", &nodes[3], PermPair::writer())
-        .await
-        .unwrap();
-    let jobs = JobManager::new(graph.clone());
+    )
+    .await;
     let job = stream::start(
-        &jobs,
+        &c.jobs,
         JobOptions::new("s"),
-        StreamParams::new(&nodes[3], Some(&nodes[1])),
+        StreamParams::new(&c.nodes[3], Some(&c.nodes[1])),
     )
     .await
     .unwrap();
-    guest_writes(&guest, MIB as usize, &mut rng, 24, |o, l, b| {
-        model[o..o + l].fill(b)
-    })
-    .await;
-    assert_eq!(job.wait_concluded().await, None, "seed {seed}");
-    assert_view(&guest, &model, seed).await;
-    drop(nodes);
-    close_all(&graph, vec![guest]).await;
+    writes_then_concluded(&job, &mut c, &mut rng, seed).await;
+    let (dir, paths, model) = c.close().await;
     assert_eq!(
         chain_of(&paths[3]),
         [paths[3].as_str(), &paths[1], &paths[0]]
@@ -178,42 +218,19 @@ async fn stream_to_an_intermediate_base_on_qcow2_files() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn intermediate_commit_on_qcow2_files() {
-    let seed = job_seed();
-    let mut rng = SmallRng::seed_from_u64(seed);
-    let dir = TempDir::new("commit");
-    let names = ["base", "mid", "top"];
-    let (paths, mut model) = make_chain(
-        &dir,
-        &names,
-        &[
-            (0, 0, MIB, 0x11),
-            (1, 128 << 10, 512 << 10, 0x22),
-            (2, 0, 64 << 10, 0x33),
-        ],
-    );
-    let graph = Graph::new();
-    let nodes = open_chain(&graph, &names, &paths).await;
-    let guest = dcommon::root_on(&graph, "guest", &nodes[2], PermPair::writer())
-        .await
-        .unwrap();
-    let jobs = JobManager::new(graph.clone());
+    let (seed, mut rng) = seeded_rng();
+    let mut c = guest_chain("commit", &["base", "mid", "top"], COMMIT_FILLS).await;
     let params = CommitParams {
-        top: nodes[1].clone(),
-        base: nodes[0].clone(),
+        top: c.nodes[1].clone(),
+        base: c.nodes[0].clone(),
         backing_file: None,
         filter_node_name: None,
     };
-    let job = commit::start(&jobs, JobOptions::new("c"), params)
+    let job = commit::start(&c.jobs, JobOptions::new("c"), params)
         .await
         .unwrap();
-    guest_writes(&guest, MIB as usize, &mut rng, 24, |o, l, b| {
-        model[o..o + l].fill(b)
-    })
-    .await;
-    assert_eq!(job.wait_concluded().await, None, "seed {seed}");
-    assert_view(&guest, &model, seed).await;
-    drop(nodes);
-    close_all(&graph, vec![guest]).await;
+    writes_then_concluded(&job, &mut c, &mut rng, seed).await;
+    let (dir, paths, model) = c.close().await;
     assert_eq!(chain_of(&paths[2]), [paths[2].as_str(), &paths[0]]);
     qemu_img(&["check", &paths[0]]);
     assert_image(&dir, &paths[2], &model, seed);
@@ -221,122 +238,65 @@ async fn intermediate_commit_on_qcow2_files() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn active_commit_and_mirror_on_qcow2_files() {
-    let seed = job_seed();
-    let mut rng = SmallRng::seed_from_u64(seed);
+    let (seed, mut rng) = seeded_rng();
     // Active commit: the guest ends up on base.qcow2.
-    let dir = TempDir::new("active");
-    let names = ["base", "top"];
-    let (paths, mut model) = make_chain(
-        &dir,
-        &names,
-        &[(0, 0, MIB, 0x11), (1, 512 << 10, 128 << 10, 0x22)],
-    );
-    let graph = Graph::new();
-    let nodes = open_chain(&graph, &names, &paths).await;
-    let guest = dcommon::root_on(&graph, "guest", &nodes[1], PermPair::writer())
-        .await
-        .unwrap();
-    let jobs = JobManager::new(graph.clone());
-    let job = mirror::start_active_commit(&jobs, JobOptions::new("c"), &nodes[1], &nodes[0], None)
-        .await
-        .unwrap();
-    guest_writes(&guest, MIB as usize, &mut rng, 16, |o, l, b| {
-        model[o..o + l].fill(b)
-    })
-    .await;
-    job.wait_for(|s| s == JobStatus::Ready).await;
-    guest_writes(&guest, MIB as usize, &mut rng, 16, |o, l, b| {
-        model[o..o + l].fill(b)
-    })
-    .await;
-    job.complete().unwrap();
-    assert_eq!(job.wait_concluded().await, None, "seed {seed}");
-    assert!(Arc::ptr_eq(&guest.node(), &nodes[0]));
-    drop(nodes);
-    close_all(&graph, vec![guest]).await;
-    assert_image(&dir, &paths[0], &model, seed);
-
-    // Mirror to a fresh image: the guest ends up on target.qcow2.
-    let dir = TempDir::new("mirror");
-    let (paths, mut model) = make_chain(
-        &dir,
+    let mut c = guest_chain(
+        "active",
         &["base", "top"],
-        &[(0, 0, MIB, 0x11), (1, 0, 256 << 10, 0x22)],
-    );
-    let target = dir.path("target.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", &target, "1M"]);
-    let graph = Graph::new();
-    let nodes = open_chain(&graph, &["base", "top"], &paths).await;
-    let w = graph.writer().await;
-    let t = dcommon::add(&w, json!({"driver": "qcow2", "node-name": "target", "file": {"driver": "file", "filename": target}})).await;
-    drop(w);
-    let guest = dcommon::root_on(&graph, "guest", &nodes[1], PermPair::writer())
-        .await
-        .unwrap();
-    let jobs = JobManager::new(graph.clone());
-    let job = mirror::start(
-        &jobs,
-        JobOptions::new("m"),
-        MirrorParams::new(&nodes[1], &t, SyncMode::Full),
+        &[(0, 0, MIB, 0x11), (1, 512 << 10, 128 << 10, 0x22)],
+    )
+    .await;
+    let job = mirror::start_active_commit(
+        &c.jobs,
+        JobOptions::new("c"),
+        &c.nodes[1],
+        &c.nodes[0],
+        None,
     )
     .await
     .unwrap();
-    guest_writes(&guest, MIB as usize, &mut rng, 16, |o, l, b| {
-        model[o..o + l].fill(b)
-    })
-    .await;
-    job.wait_for(|s| s == JobStatus::Ready).await;
-    guest_writes(&guest, MIB as usize, &mut rng, 16, |o, l, b| {
-        model[o..o + l].fill(b)
-    })
-    .await;
-    job.complete().unwrap();
-    assert_eq!(job.wait_concluded().await, None, "seed {seed}");
-    drop((nodes, t));
-    close_all(&graph, vec![guest]).await;
+    writes_around_ready_then_complete(&job, &c.guest, &mut rng, 16, &mut c.model, seed).await;
+    assert!(Arc::ptr_eq(&c.guest.node(), &c.nodes[0]));
+    let (dir, paths, model) = c.close().await;
+    assert_image(&dir, &paths[0], &model, seed);
+
+    // Mirror to a fresh image: the guest ends up on target.qcow2.
+    let mut c = guest_chain("mirror", &["base", "top"], BASE_TOP_FILLS).await;
+    let (target, t) = add_target(&c.dir, &c.graph).await;
+    let job = mirror::start(
+        &c.jobs,
+        JobOptions::new("m"),
+        MirrorParams::new(&c.nodes[1], &t, SyncMode::Full),
+    )
+    .await
+    .unwrap();
+    writes_around_ready_then_complete(&job, &c.guest, &mut rng, 16, &mut c.model, seed).await;
+    drop(t);
+    let (dir, _, model) = c.close().await;
     assert_image(&dir, &target, &model, seed);
     assert_eq!(chain_of(&target), [target.as_str()]);
 }
 
 #[tokio::test]
 async fn backup_to_a_qcow2_file_is_point_in_time() {
-    let seed = job_seed();
-    let mut rng = SmallRng::seed_from_u64(seed);
-    let dir = TempDir::new("backup");
-    let (paths, at_start) = make_chain(
-        &dir,
-        &["base", "top"],
-        &[(0, 0, MIB, 0x11), (1, 0, 256 << 10, 0x22)],
-    );
-    let target = dir.path("target.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", &target, "1M"]);
-    let graph = Graph::new();
-    let nodes = open_chain(&graph, &["base", "top"], &paths).await;
-    let w = graph.writer().await;
-    let t = dcommon::add(&w, json!({"driver": "qcow2", "node-name": "target", "file": {"driver": "file", "filename": target}})).await;
-    drop(w);
-    let guest = dcommon::root_on(&graph, "guest", &nodes[1], PermPair::writer())
-        .await
-        .unwrap();
-    let jobs = JobManager::new(graph.clone());
+    let (seed, mut rng) = seeded_rng();
+    let c = guest_chain("backup", &["base", "top"], BASE_TOP_FILLS).await;
+    let (target, t) = add_target(&c.dir, &c.graph).await;
     let job = backup::start(
-        &jobs,
+        &c.jobs,
         JobOptions::new("b"),
-        BackupParams::new(&nodes[1], &t, SyncMode::Full),
+        BackupParams::new(&c.nodes[1], &t, SyncMode::Full),
     )
     .await
     .unwrap();
     job.pause().unwrap();
     job.wait_for(|s| s == JobStatus::Paused).await;
-    let mut now = at_start.clone();
-    guest_writes(&guest, MIB as usize, &mut rng, 32, |o, l, b| {
-        now[o..o + l].fill(b)
-    })
-    .await;
+    let mut now = c.model.clone();
+    writes_into(&c.guest, &mut rng, 32, &mut now).await;
     job.resume().unwrap();
     assert_eq!(job.wait_concluded().await, None, "seed {seed}");
-    drop((nodes, t));
-    close_all(&graph, vec![guest]).await;
+    drop(t);
+    let (dir, paths, at_start) = c.close().await;
     assert_image(&dir, &target, &at_start, seed);
     assert_image(&dir, &paths[1], &now, seed);
 }
@@ -363,7 +323,6 @@ async fn open_with_blkdebug(graph: &Graph, paths: &[String], inject: Value) -> A
 
 #[tokio::test]
 async fn stream_cancelled_half_way_and_stopped_by_an_error_on_qcow2_files() {
-    use sluice_core::DebugEvent;
     let names = ["base", "mid", "top"];
     // Cancelled while its first copy is parked: chain unchanged, images clean.
     let dir = TempDir::new("cancel");
@@ -371,19 +330,8 @@ async fn stream_cancelled_half_way_and_stopped_by_an_error_on_qcow2_files() {
     let graph = Graph::new();
     let top = open_with_blkdebug(&graph, &paths, json!([])).await;
     let dbg = graph.node("dbg").unwrap();
-    let ctl = dbg.driver().debug_control().unwrap();
-    ctl.set_breakpoint(DebugEvent::ReadBackingAio, "A").unwrap();
     let jobs = JobManager::new(graph.clone());
-    let job = stream::start(&jobs, JobOptions::new("s"), StreamParams::new(&top, None))
-        .await
-        .unwrap();
-    ctl.wait_suspended("A").await;
-    job.cancel(true).await.unwrap();
-    ctl.resume("A").unwrap();
-    assert_eq!(
-        job.wait_concluded().await.as_deref(),
-        Some("Operation canceled")
-    );
+    stream_cancelled_at_its_first_copy(&jobs, &top, &dbg).await;
     drop((top, dbg));
     close_all(&graph, vec![]).await;
     assert_eq!(
@@ -424,42 +372,28 @@ async fn stream_cancelled_half_way_and_stopped_by_an_error_on_qcow2_files() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mirror_soft_cancel_after_ready_on_qcow2_files() {
-    let seed = job_seed();
-    let mut rng = SmallRng::seed_from_u64(seed);
-    let dir = TempDir::new("softcancel");
-    let (paths, mut model) = make_chain(
-        &dir,
+    let (seed, mut rng) = seeded_rng();
+    let mut c = guest_chain(
+        "softcancel",
         &["base", "top"],
         &[(0, 0, MIB, 0x11), (1, 0, 128 << 10, 0x22)],
-    );
-    let target = dir.path("target.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", &target, "1M"]);
-    let graph = Graph::new();
-    let nodes = open_chain(&graph, &["base", "top"], &paths).await;
-    let w = graph.writer().await;
-    let t = dcommon::add(&w, json!({"driver": "qcow2", "node-name": "target", "file": {"driver": "file", "filename": target}})).await;
-    drop(w);
-    let guest = dcommon::root_on(&graph, "guest", &nodes[1], PermPair::writer())
-        .await
-        .unwrap();
-    let jobs = JobManager::new(graph.clone());
+    )
+    .await;
+    let (target, t) = add_target(&c.dir, &c.graph).await;
     let job = mirror::start(
-        &jobs,
+        &c.jobs,
         JobOptions::new("m"),
-        MirrorParams::new(&nodes[1], &t, SyncMode::Full),
+        MirrorParams::new(&c.nodes[1], &t, SyncMode::Full),
     )
     .await
     .unwrap();
     job.wait_for(|s| s == JobStatus::Ready).await;
-    guest_writes(&guest, MIB as usize, &mut rng, 24, |o, l, b| {
-        model[o..o + l].fill(b)
-    })
-    .await;
+    writes_into(&c.guest, &mut rng, 24, &mut c.model).await;
     job.cancel(false).await.unwrap();
     assert_eq!(job.wait_concluded().await, None, "seed {seed}");
-    assert!(Arc::ptr_eq(&guest.node(), &nodes[1]), "no pivot");
-    drop((nodes, t));
-    close_all(&graph, vec![guest]).await;
+    assert!(Arc::ptr_eq(&c.guest.node(), &c.nodes[1]), "no pivot");
+    drop(t);
+    let (dir, paths, model) = c.close().await;
     assert_image(&dir, &target, &model, seed);
     assert_image(&dir, &paths[1], &model, seed);
 }
@@ -469,19 +403,9 @@ async fn mirror_soft_cancel_after_ready_on_qcow2_files() {
 /// the job, and back to read-only when an intermediate commit ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commit_into_a_read_only_base_opened_from_headers() {
-    let seed = job_seed();
-    let mut rng = SmallRng::seed_from_u64(seed);
+    let (seed, mut rng) = seeded_rng();
     let dir = TempDir::new("commit-ro-base");
-    let names = ["base", "mid", "top"];
-    let (paths, mut model) = make_chain(
-        &dir,
-        &names,
-        &[
-            (0, 0, MIB, 0x11),
-            (1, 128 << 10, 512 << 10, 0x22),
-            (2, 0, 64 << 10, 0x33),
-        ],
-    );
+    let (paths, mut model) = make_chain(&dir, &["base", "mid", "top"], COMMIT_FILLS);
     let graph = Graph::new();
     let w = graph.writer().await;
     let top = dcommon::add(
@@ -494,9 +418,7 @@ async fn commit_into_a_read_only_base_opened_from_headers() {
     let mid = top.child(Role::Backing).unwrap();
     let base = mid.child(Role::Backing).unwrap();
     assert!(mid.is_read_only() && base.is_read_only());
-    let guest = dcommon::root_on(&graph, "guest", &top, PermPair::writer())
-        .await
-        .unwrap();
+    let guest = dcommon::guest_on(&graph, &top).await;
     let jobs = JobManager::new(graph.clone());
     let params = CommitParams {
         top: mid.clone(),
@@ -508,35 +430,22 @@ async fn commit_into_a_read_only_base_opened_from_headers() {
         .await
         .unwrap();
     assert!(!base.is_read_only(), "writable while the job runs");
-    guest_writes(&guest, MIB as usize, &mut rng, 24, |o, l, b| {
-        model[o..o + l].fill(b)
-    })
-    .await;
+    writes_into(&guest, &mut rng, 24, &mut model).await;
     assert_eq!(job.wait_concluded().await, None, "seed {seed}");
     assert!(base.is_read_only(), "read-only again after the job");
     assert!(base.child(Role::File).unwrap().is_read_only());
     assert!(Arc::ptr_eq(&top.child(Role::Backing).unwrap(), &base));
-    assert_view(&guest, &model, seed).await;
+    assert_guest_view(&guest, &model, seed).await;
 
     // Active commit into the same read-only base: base takes top's place
     // and stays writable.
     let job = mirror::start_active_commit(&jobs, JobOptions::new("a"), &top, &base, None)
         .await
         .unwrap();
-    guest_writes(&guest, MIB as usize, &mut rng, 16, |o, l, b| {
-        model[o..o + l].fill(b)
-    })
-    .await;
-    job.wait_for(|s| s == JobStatus::Ready).await;
-    guest_writes(&guest, MIB as usize, &mut rng, 16, |o, l, b| {
-        model[o..o + l].fill(b)
-    })
-    .await;
-    job.complete().unwrap();
-    assert_eq!(job.wait_concluded().await, None, "seed {seed}");
+    writes_around_ready_then_complete(&job, &guest, &mut rng, 16, &mut model, seed).await;
     assert!(Arc::ptr_eq(&guest.node(), &base));
     assert!(!base.is_read_only());
-    assert_view(&guest, &model, seed).await;
+    assert_guest_view(&guest, &model, seed).await;
     drop((top, mid, base));
     close_all(&graph, vec![guest]).await;
     // The intermediate commit pointed top's header at base.

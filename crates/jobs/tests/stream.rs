@@ -6,8 +6,11 @@ mod common;
 #[path = "../../drivers/tests/common/mod.rs"]
 mod dcommon;
 
-use common::{guest_writes, job_seed, names};
-use dcommon::{fill, memory_chain, root_on, seed_chain, MIB};
+use common::{
+    assert_guest_view, assert_names, guest_writes, job_seed, names,
+    stream_cancelled_at_its_first_copy,
+};
+use dcommon::{fill, filled_chain, guest_on, memory_chain, root_on, seed_chain, MIB};
 use futures::poll;
 use rand::{rngs::SmallRng, SeedableRng};
 use serde_json::json;
@@ -26,48 +29,44 @@ fn same(a: &Arc<Node>, b: &Arc<Node>) -> bool {
     Arc::ptr_eq(a, b)
 }
 
-async fn assert_matches_model(root: &Root, model: &[u8], seed: u64) {
-    let got = root.read(0, model.len()).await.unwrap();
-    if let Some(i) = (0..model.len()).find(|&i| got[i] != model[i]) {
-        panic!(
-            "seed {seed}: byte {i} is {:#x}, the model says {:#x}",
-            got[i], model[i]
-        );
-    }
+/// 64 guest writes through `guest`, seeded with `seed`, on a task of
+/// their own; `model` keeps up.
+fn spawn_writer(
+    guest: &Arc<Root>,
+    model: &Arc<parking_lot::Mutex<Vec<u8>>>,
+    seed: u64,
+) -> tokio::task::JoinHandle<()> {
+    let (guest, model) = (guest.clone(), model.clone());
+    tokio::spawn(async move {
+        let mut rng = SmallRng::seed_from_u64(seed);
+        guest_writes(&guest, MIB as usize, &mut rng, 64, |o, l, b| {
+            model.lock()[o..o + l].fill(b)
+        })
+        .await
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_to_an_intermediate_base_while_the_guest_writes() {
     let seed = job_seed();
     let graph = Graph::new();
-    let [base, m1, m2, top] = memory_chain(&graph, ["base", "m1", "m2", "top"]).await;
-    fill(&graph, &base, 0, MIB as usize, 0x11).await;
-    fill(&graph, &m1, 256 << 10, 256 << 10, 0x22).await;
-    fill(&graph, &m2, 384 << 10, 256 << 10, 0x33).await;
-    fill(&graph, &top, 0, 64 << 10, 0x44).await;
-    let mut m = vec![0x11u8; MIB as usize];
-    m[256 << 10..512 << 10].fill(0x22);
-    m[384 << 10..640 << 10].fill(0x33);
-    m[..64 << 10].fill(0x44);
+    let ([_base, m1, m2, top], m) = filled_chain(
+        &graph,
+        ["base", "m1", "m2", "top"],
+        &[
+            (0, 0, MIB as usize, 0x11),
+            (1, 256 << 10, 256 << 10, 0x22),
+            (2, 384 << 10, 256 << 10, 0x33),
+            (3, 0, 64 << 10, 0x44),
+        ],
+    )
+    .await;
     let model = Arc::new(parking_lot::Mutex::new(m));
-    let guest = Arc::new(
-        root_on(&graph, "guest", &top, PermPair::writer())
-            .await
-            .unwrap(),
-    );
+    let guest = Arc::new(guest_on(&graph, &top).await);
 
     let jobs = JobManager::new(graph.clone());
     let mut rx = jobs.events().subscribe();
-    let writer = {
-        let (guest, model) = (guest.clone(), model.clone());
-        tokio::spawn(async move {
-            let mut rng = SmallRng::seed_from_u64(seed);
-            guest_writes(&guest, MIB as usize, &mut rng, 64, |o, l, b| {
-                model.lock()[o..o + l].fill(b)
-            })
-            .await
-        })
-    };
+    let writer = spawn_writer(&guest, &model, seed);
     let job = stream::start(
         &jobs,
         JobOptions::new("s"),
@@ -95,7 +94,7 @@ async fn stream_to_an_intermediate_base_while_the_guest_writes() {
     );
     assert!(!m2.is_closed(), "a user-owned node stays");
     let want = model.lock().clone();
-    assert_matches_model(&guest, &want, seed).await;
+    assert_guest_view(&guest, &want, seed).await;
     let n = names(&mut rx);
     assert_eq!(n.last().map(String::as_str), Some("null"));
     assert!(n.contains(&"BLOCK_JOB_COMPLETED".into()));
@@ -123,9 +122,7 @@ async fn two_streams_on_disjoint_parts_of_one_chain() {
     for i in 0..3usize {
         model_c[i * (128 << 10)..i * (128 << 10) + (192 << 10)].fill(0xA0 + i as u8);
     }
-    let guest = root_on(&graph, "guest", &e, PermPair::writer())
-        .await
-        .unwrap();
+    let guest = guest_on(&graph, &e).await;
     let jobs = JobManager::new(graph.clone());
     let upper = stream::start(
         &jobs,
@@ -145,11 +142,11 @@ async fn two_streams_on_disjoint_parts_of_one_chain() {
     assert_eq!(lower.wait_concluded().await, None);
     assert!(same(&backing(&e).unwrap(), &c));
     assert!(same(&backing(&c).unwrap(), &a));
-    assert_matches_model(&guest, &model, 0).await;
+    assert_guest_view(&guest, &model, 0).await;
     let c_view = root_on(&graph, "c-view", &c, PermPair::reader())
         .await
         .unwrap();
-    assert_matches_model(&c_view, &model_c, 0).await;
+    assert_guest_view(&c_view, &model_c, 0).await;
 }
 
 /// The job copies four 512 KiB steps at once: 4 MiB is two batches.
@@ -183,24 +180,11 @@ async fn chain_with_blkdebug(graph: &Graph, inject: serde_json::Value) -> (Arc<N
 async fn stream_cancelled_half_way_leaves_the_chain_and_data_as_they_were() {
     let graph = Graph::new();
     let (top, mid) = chain_with_blkdebug(&graph, json!([])).await;
-    let guest = root_on(&graph, "guest", &top, PermPair::writer())
-        .await
-        .unwrap();
-    let ctl = mid.driver().debug_control().unwrap();
-    ctl.set_breakpoint(DebugEvent::ReadBackingAio, "A").unwrap();
+    let guest = guest_on(&graph, &top).await;
     let jobs = JobManager::new(graph.clone());
     let mut rx = jobs.events().subscribe();
-    let job = stream::start(&jobs, JobOptions::new("s"), StreamParams::new(&top, None))
-        .await
-        .unwrap();
     // The job's first copy is parked in mid: cancel it there.
-    ctl.wait_suspended("A").await;
-    job.cancel(true).await.unwrap();
-    ctl.resume("A").unwrap();
-    assert_eq!(
-        job.wait_concluded().await.as_deref(),
-        Some("Operation canceled")
-    );
+    stream_cancelled_at_its_first_copy(&jobs, &top, &mid).await;
     assert!(same(&backing(&top).unwrap(), &mid), "chain unchanged");
     assert!(!mid.is_closed());
     assert!(
@@ -221,18 +205,10 @@ async fn stream_cancelled_half_way_leaves_the_chain_and_data_as_they_were() {
         top.parents().iter().all(|e| e.parent().node().is_none()),
         "the filter is gone"
     );
-    assert_matches_model(&guest, &vec![0x5A; BIG as usize], 0).await;
-    let n = names(&mut rx);
-    assert_eq!(
-        n,
-        [
-            "created",
-            "running",
-            "aborting",
-            "BLOCK_JOB_CANCELLED",
-            "concluded",
-            "null"
-        ]
+    assert_guest_view(&guest, &vec![0x5A; BIG as usize], 0).await;
+    assert_names(
+        &mut rx,
+        "created running aborting BLOCK_JOB_CANCELLED concluded null",
     );
 }
 
@@ -244,9 +220,7 @@ async fn stream_read_error_with_on_error_stop_then_resume_to_completion() {
         json!([{"event": "read_backing_aio", "errno": 5, "once": true}]),
     )
     .await;
-    let guest = root_on(&graph, "guest", &top, PermPair::writer())
-        .await
-        .unwrap();
+    let guest = guest_on(&graph, &top).await;
     let jobs = JobManager::new(graph.clone());
     let mut rx = jobs.events().subscribe();
     let mut o = JobOptions::new("s");
@@ -272,7 +246,7 @@ async fn stream_read_error_with_on_error_stop_then_resume_to_completion() {
         mid.is_closed(),
         "the implicit blkdebug node went with the chain"
     );
-    assert_matches_model(&guest, &vec![0x5A; BIG as usize], 0).await;
+    assert_guest_view(&guest, &vec![0x5A; BIG as usize], 0).await;
 }
 
 /// The QEMU thread's race, as a job: a guest read is parked in `mid` when
@@ -315,11 +289,7 @@ async fn seed_stream(
     job.wait_for(|s| s == JobStatus::Pending).await;
     // A user that came after the job started (an export, say) reads top
     // directly, not through the job's copy-on-read filter.
-    let guest = Arc::new(
-        root_on(&graph, "guest", &top, PermPair::writer())
-            .await
-            .unwrap(),
-    );
+    let guest = Arc::new(guest_on(&graph, &top).await);
 
     let ctl = mid.driver().debug_control().unwrap();
     ctl.set_breakpoint(DebugEvent::ReadBackingAio, "A").unwrap();
@@ -366,30 +336,20 @@ async fn seed_stream(
 async fn intermediate_commit_while_the_guest_writes() {
     let seed = job_seed();
     let graph = Graph::new();
-    let [base, mid, top] = memory_chain(&graph, ["base", "mid", "top"]).await;
-    fill(&graph, &base, 0, MIB as usize, 0x11).await;
-    fill(&graph, &mid, 128 << 10, 512 << 10, 0x22).await;
-    fill(&graph, &top, 0, 64 << 10, 0x33).await;
-    let mut m = vec![0x11u8; MIB as usize];
-    m[128 << 10..640 << 10].fill(0x22);
-    m[..64 << 10].fill(0x33);
+    let ([base, mid, top], m) = filled_chain(
+        &graph,
+        ["base", "mid", "top"],
+        &[
+            (0, 0, MIB as usize, 0x11),
+            (1, 128 << 10, 512 << 10, 0x22),
+            (2, 0, 64 << 10, 0x33),
+        ],
+    )
+    .await;
     let model = Arc::new(parking_lot::Mutex::new(m));
-    let guest = Arc::new(
-        root_on(&graph, "guest", &top, PermPair::writer())
-            .await
-            .unwrap(),
-    );
+    let guest = Arc::new(guest_on(&graph, &top).await);
     let jobs = JobManager::new(graph.clone());
-    let writer = {
-        let (guest, model) = (guest.clone(), model.clone());
-        tokio::spawn(async move {
-            let mut rng = SmallRng::seed_from_u64(seed);
-            guest_writes(&guest, MIB as usize, &mut rng, 64, |o, l, b| {
-                model.lock()[o..o + l].fill(b)
-            })
-            .await
-        })
-    };
+    let writer = spawn_writer(&guest, &model, seed);
     let job = commit::start(
         &jobs,
         JobOptions::new("c"),
@@ -410,7 +370,7 @@ async fn intermediate_commit_while_the_guest_writes() {
         "the named filter is gone"
     );
     let want = model.lock().clone();
-    assert_matches_model(&guest, &want, seed).await;
+    assert_guest_view(&guest, &want, seed).await;
     let base_view = root_on(&graph, "base-view", &base, PermPair::reader())
         .await
         .unwrap();

@@ -135,13 +135,7 @@ async fn jobs_reshape_the_chain_under_a_writing_guest() {
             }
             3 => {
                 extra += 1;
-                let wr = graph.writer().await;
-                let t = add(
-                    &wr,
-                    json!({"driver": "memory", "node-name": format!("m{extra}"), "size": MIB}),
-                )
-                .await;
-                drop(wr);
+                let t = dcommon::memory_node(&graph, &format!("m{extra}"), None).await;
                 mirror::start(
                     &jobs,
                     JobOptions::new(&id),
@@ -151,13 +145,7 @@ async fn jobs_reshape_the_chain_under_a_writing_guest() {
             }
             _ => {
                 extra += 1;
-                let wr = graph.writer().await;
-                let t = add(
-                    &wr,
-                    json!({"driver": "memory", "node-name": format!("b{extra}"), "size": MIB}),
-                )
-                .await;
-                drop(wr);
+                let t = dcommon::memory_node(&graph, &format!("b{extra}"), None).await;
                 backup::start(
                     &jobs,
                     JobOptions::new(&id),

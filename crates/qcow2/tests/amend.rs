@@ -149,9 +149,7 @@ async fn downgrade_over_a_backing_file_writes_zeroes() {
     let top = dir.path("top.qcow2");
     create_qcow2(&base, "", "64M");
     qemu_io(&base, &["write -P 0x55 0 4M".into()]);
-    qemu_img(&[
-        "create", "-q", "-f", "qcow2", "-b", &base, "-F", "qcow2", &top,
-    ]);
+    create_overlay(&top, &base, "");
     qemu_io(
         &top,
         &[

@@ -151,6 +151,18 @@ async fn unknown_incompatible_feature() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("Unsupported qcow2 feature(s)"));
 }
 
+/// `img` opens (`read_only` or not) and its first 4 KiB read as 0x42.
+async fn opens_and_reads_0x42(img: &str, read_only: bool) {
+    let o = open_image(img, read_only).await.unwrap();
+    assert!(o
+        .root
+        .read(0, 4096)
+        .await
+        .unwrap()
+        .iter()
+        .all(|&b| b == 0x42));
+}
+
 #[tokio::test]
 async fn corrupt_and_dirty_bits() {
     let dir = TempDir::new("bits");
@@ -161,15 +173,7 @@ async fn corrupt_and_dirty_bits() {
         bits[7] = 1 << bit;
         patch(&img, 72, &bits);
         // Read-only: allowed, and reads right.
-        let o = open_image(&img, true).await.unwrap();
-        assert!(o
-            .root
-            .read(0, 4096)
-            .await
-            .unwrap()
-            .iter()
-            .all(|&b| b == 0x42));
-        drop(o);
+        opens_and_reads_0x42(&img, true).await;
         if word == "corrupt" {
             // Writable: refused.
             let e = open_err(&img, false).await;
@@ -177,15 +181,7 @@ async fn corrupt_and_dirty_bits() {
         } else {
             // Writable: the refcounts are rebuilt first, as QEMU does,
             // and the image is marked clean again.
-            let o = open_image(&img, false).await.unwrap();
-            assert!(o
-                .root
-                .read(0, 4096)
-                .await
-                .unwrap()
-                .iter()
-                .all(|&b| b == 0x42));
-            drop(o);
+            opens_and_reads_0x42(&img, false).await;
             let header = std::fs::read(&img).unwrap();
             assert_eq!(header[79] & 1, 0, "dirty bit cleared");
             qemu_img(&["check", &img]);
@@ -314,30 +310,8 @@ async fn a_broken_image_mid_chain_leaves_no_nodes_behind() {
     let mid = dir.path("mid.qcow2");
     let top = dir.path("top.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", &base, "1M"]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        &mid,
-        "1M",
-    ]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "mid.qcow2",
-        "-F",
-        "qcow2",
-        &top,
-        "1M",
-    ]);
+    create_overlay(&mid, "base.qcow2", "1M");
+    create_overlay(&top, "mid.qcow2", "1M");
     // Break mid so that its header passes (the chain walk reads it) but
     // opening fails: a snapshot entry with too much extra data, in the
     // L1 table's cluster past its one entry.

@@ -291,16 +291,7 @@ async fn clean_layouts() {
     // An external data file: its clusters have no refcounts.
     let img = dir.path("ext.qcow2");
     let data = dir.path("ext.data");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        &format!("data_file={data}"),
-        &img,
-        "16M",
-    ]);
+    create_qcow2(&img, &format!("data_file={data}"), "16M");
     qemu_io(
         &img,
         &["write -P 1 0 300k".into(), "write -z 4M 64k".into()],

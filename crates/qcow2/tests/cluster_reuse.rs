@@ -17,21 +17,59 @@ const CS: u64 = 65536;
 
 fn image(dir: &TempDir, size: u64) -> String {
     let img = dir.path("r.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=65536",
-        &img,
-        &size.to_string(),
-    ]);
+    create_qcow2(&img, "cluster_size=65536", &size.to_string());
     img
 }
 
 fn file_len(p: &str) -> u64 {
     std::fs::metadata(p).unwrap().len()
+}
+
+/// `img` opened over blkdebug; after a first write (which readies the
+/// lock-free path) an overwrite of guest cluster 0 is parked at
+/// `write_aio` (breakpoint `t`), after it mapped its cluster, and the
+/// cluster is then discarded. Returns the image, the blkdebug node and
+/// the parked write.
+async fn park_an_overwrite(
+    img: &str,
+) -> (
+    Arc<Opened>,
+    Arc<sluice_core::Node>,
+    tokio::task::JoinHandle<sluice_core::Result<()>>,
+) {
+    let opts = json!({"driver": "qcow2", "file": {"driver": "blkdebug",
+        "image": {"driver": "file", "filename": img}}});
+    let o = Arc::new(open_opts(opts, false).await.unwrap());
+    o.root
+        .write(0, IoBytes::copy_from(&[0x22; 4096]), WriteFlags::default())
+        .await
+        .unwrap();
+    let ctl_node = find_debug_control(&o.node).expect("a blkdebug node");
+    let ctl = ctl_node.driver().debug_control().unwrap();
+    ctl.set_breakpoint(DebugEvent::WriteAio, "t").unwrap();
+    let parked = {
+        let o = o.clone();
+        tokio::spawn(async move {
+            o.root
+                .write(
+                    4096,
+                    IoBytes::copy_from(&[0xaa; 4096]),
+                    WriteFlags::default(),
+                )
+                .await
+        })
+    };
+    ctl.wait_suspended("t").await;
+    o.root.discard(0, CS).await.unwrap();
+    (o, ctl_node, parked)
+}
+
+/// Closes the only user of `o`; `qemu-img check` finds `img` clean.
+async fn close_and_check(o: Arc<Opened>, img: &str) {
+    let o = Arc::try_unwrap(o).ok().expect("one user");
+    close(o).await;
+    let (code, text) = qemu_check_text(img);
+    assert_eq!(code, 0, "{text}");
 }
 
 #[tokio::test]
@@ -104,31 +142,8 @@ async fn a_parked_overwrite_keeps_its_cluster_from_reuse() {
             "discard 1M 64k".into(),
         ],
     );
-    let opts = json!({"driver": "qcow2", "file": {"driver": "blkdebug",
-        "image": {"driver": "file", "filename": img}}});
-    let o = Arc::new(open_opts(opts, false).await.unwrap());
-    // A first write readies the lock-free path.
-    o.root
-        .write(0, IoBytes::copy_from(&[0x22; 4096]), WriteFlags::default())
-        .await
-        .unwrap();
-    let ctl_node = find_debug_control(&o.node).expect("a blkdebug node");
+    let (o, ctl_node, parked) = park_an_overwrite(&img).await;
     let ctl = ctl_node.driver().debug_control().unwrap();
-    ctl.set_breakpoint(DebugEvent::WriteAio, "t").unwrap();
-    let parked = {
-        let o = o.clone();
-        tokio::spawn(async move {
-            o.root
-                .write(
-                    4096,
-                    IoBytes::copy_from(&[0xaa; 4096]),
-                    WriteFlags::default(),
-                )
-                .await
-        })
-    };
-    ctl.wait_suspended("t").await;
-    o.root.discard(0, CS).await.unwrap();
     let b = vec![0x55; CS as usize];
     o.root
         .write(4 * MIB, IoBytes::copy_from(&b), WriteFlags::default())
@@ -151,10 +166,7 @@ async fn a_parked_overwrite_keeps_its_cluster_from_reuse() {
         let got = o.root.read(off, CS as usize).await.unwrap();
         assert_same(&format!("at {off:#x}"), &got, want);
     }
-    let o = Arc::try_unwrap(o).ok().expect("one user");
-    close(o).await;
-    let (code, text) = qemu_check_text(&img);
-    assert_eq!(code, 0, "{text}");
+    close_and_check(o, &img).await;
 }
 
 /// A cluster freed while an overwrite that mapped it was parked, with
@@ -164,34 +176,9 @@ async fn a_cluster_freed_under_a_parked_overwrite_is_not_leaked() {
     let dir = TempDir::new("reuse-leak");
     let img = image(&dir, 32 * MIB);
     qemu_io(&img, &["write -P 0x11 0 64k".into()]);
-    let opts = json!({"driver": "qcow2", "file": {"driver": "blkdebug",
-        "image": {"driver": "file", "filename": img}}});
-    let o = Arc::new(open_opts(opts, false).await.unwrap());
-    o.root
-        .write(0, IoBytes::copy_from(&[0x22; 4096]), WriteFlags::default())
-        .await
-        .unwrap();
-    let ctl_node = find_debug_control(&o.node).expect("a blkdebug node");
+    let (o, ctl_node, parked) = park_an_overwrite(&img).await;
     let ctl = ctl_node.driver().debug_control().unwrap();
-    ctl.set_breakpoint(DebugEvent::WriteAio, "t").unwrap();
-    let parked = {
-        let o = o.clone();
-        tokio::spawn(async move {
-            o.root
-                .write(
-                    4096,
-                    IoBytes::copy_from(&[0xaa; 4096]),
-                    WriteFlags::default(),
-                )
-                .await
-        })
-    };
-    ctl.wait_suspended("t").await;
-    o.root.discard(0, CS).await.unwrap();
     ctl.resume("t").unwrap();
     parked.await.unwrap().unwrap();
-    let o = Arc::try_unwrap(o).ok().expect("one user");
-    close(o).await;
-    let (code, text) = qemu_check_text(&img);
-    assert_eq!(code, 0, "{text}");
+    close_and_check(o, &img).await;
 }

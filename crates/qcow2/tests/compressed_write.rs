@@ -10,11 +10,9 @@ mod common;
 mod crash_recorder;
 
 use common::*;
-use crash_recorder::{add_recording_file, Durable, Pick, Record};
+use crash_recorder::{crash_images, qcow2_on_recorder, Pick, Record};
 use serde_json::{json, Value};
-use sluice_core::{Graph, IoBytes, Node, PermPair, Root};
-use sluice_drivers::open::open_with;
-use sluice_drivers::protocol::file::CacheMode;
+use sluice_core::{Graph, IoBytes, Node, Root};
 use sluice_qcow2::format::{compressed_descriptor, COMPRESSED};
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -22,17 +20,29 @@ use std::sync::Arc;
 /// Writes `src` into `node` cluster by cluster, compressed, skipping
 /// zero clusters (as convert does); returns which clusters were written.
 async fn write_all_compressed(node: &Node, src: &[u8], cs: usize) -> Vec<bool> {
+    write_compressed_at(node, 0, src, cs).await
+}
+
+/// `write_all_compressed` with `src` placed at byte `base` of `node`.
+async fn write_compressed_at(node: &Node, base: usize, src: &[u8], cs: usize) -> Vec<bool> {
     let mut written = Vec::new();
     for (i, chunk) in src.chunks(cs).enumerate() {
         let nonzero = chunk.iter().any(|&b| b != 0);
         if nonzero {
-            node.write_compressed((i * cs) as u64, IoBytes::copy_from(chunk))
+            node.write_compressed((base + i * cs) as u64, IoBytes::copy_from(chunk))
                 .await
                 .unwrap_or_else(|e| panic!("cluster {i}: {e}"));
         }
         written.push(nonzero);
     }
     written
+}
+
+/// `qemu-img check` finds `img` clean, and `compare` finds it equal to
+/// the raw `raw`.
+fn assert_clean_and_same_as(raw: &str, img: &str) {
+    assert_clean(img);
+    qemu_img(&["compare", "-f", "raw", "-F", "qcow2", raw, img]);
 }
 
 /// Writes `src` into the fresh image `img` through a node opened the
@@ -128,16 +138,7 @@ async fn case_packed(
     let src = source(cs, clusters, tail, seed);
     std::fs::write(&raw, &src).unwrap();
     let size = src.len().to_string();
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        create_opts,
-        &img,
-        &size,
-    ]);
+    create_qcow2(&img, create_opts, &size);
     let written = convert_compressed(&src, &img, cs).await;
 
     assert_clean(&img);
@@ -276,28 +277,10 @@ async fn node_refusals() {
     );
 }
 
-/// Random subsets of the unflushed writes tried at each crash point
-/// (besides all and none): a write that must not land before another
-/// is caught in three of four tries each.
-const RANDOM_PICKS: u64 = 8;
-
 /// A qcow2 node on a recording file holding `img`'s bytes.
 async fn on_recorder(img: &str) -> (Graph, Arc<Node>, Root, Arc<crash_recorder::Recorder>) {
     let graph = Graph::new();
-    let (node, root, rec) = {
-        let w = graph.writer().await;
-        let bytes = std::fs::read(img).unwrap();
-        let (_file, rec) = add_recording_file(&w, "crashfile", bytes).await.unwrap();
-        let opts = json!({"driver": "qcow2", "node-name": "crashimg", "file": "crashfile"});
-        let node = open_with(&w, opts, CacheMode::WRITEBACK, false)
-            .await
-            .unwrap();
-        let root = w
-            .add_root("block device", "crash", &node, PermPair::writer())
-            .await
-            .unwrap();
-        (node, root, rec)
-    };
+    let (node, root, rec) = qcow2_on_recorder(&graph, img, Value::Null).await.unwrap();
     (graph, node, root, rec)
 }
 
@@ -316,28 +299,13 @@ async fn compressed_writes_survive_a_crash_anywhere() {
     let cs = 4096usize;
     let clusters = 24;
     let src = source(cs, clusters, 0, seed);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4k",
-        &img,
-        &src.len().to_string(),
-    ]);
+    create_qcow2(&img, "cluster_size=4k", &src.len().to_string());
     let (_graph, node, root, rec) = on_recorder(&img).await;
     // (events when the flush completed, clusters it made durable)
     let mut flushes = Vec::new();
     for batch in (0..clusters).step_by(8) {
         let part = &src[batch * cs..(batch + 8) * cs];
-        for (j, c) in part.chunks(cs).enumerate() {
-            if c.iter().any(|&b| b != 0) {
-                node.write_compressed(((batch + j) * cs) as u64, IoBytes::copy_from(c))
-                    .await
-                    .unwrap();
-            }
-        }
+        write_compressed_at(&node, batch * cs, part, cs).await;
         root.flush().await.unwrap();
         flushes.push((rec.len(), batch + 8));
     }
@@ -346,35 +314,25 @@ async fn compressed_writes_survive_a_crash_anywhere() {
     let r: Record = rec.record();
     println!("{} file events", r.len());
     let crashed = dir.path("crashed.qcow2");
-    let mut durable = Durable::new(&r);
-    for k in 0..=r.len() {
-        durable.advance_to(&r, r.durable_at(k));
+    for (k, what, image) in crash_images(&r, seed) {
         let done = flushes
             .iter()
             .filter(|&&(e, _)| e <= k)
             .map(|&(_, n)| n)
             .max()
             .unwrap_or(0);
-        let randoms = (0..RANDOM_PICKS).map(|i| Pick::Random(seed ^ (k as u64) << 8 ^ i));
-        for pick in [Pick::All, Pick::None].into_iter().chain(randoms) {
-            let crash = r.crash_from(&durable.image, k, pick);
-            std::fs::write(&crashed, &crash.image).unwrap();
-            let what = format!(
-                "crash at event {k} of {}, pick {pick}, seed {seed}",
-                r.len()
+        std::fs::write(&crashed, &image).unwrap();
+        assert_no_corruption(&crashed, &what);
+        let o = open_image(&crashed, true)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        let got = read_all(&o, 1 << 20).await;
+        for (i, (g, want)) in got.chunks(cs).zip(src.chunks(cs)).enumerate() {
+            let ok = g == want || (i >= done && g.iter().all(|&b| b == 0));
+            assert!(
+                ok,
+                "{what}: cluster {i} (batches durable up to {done}) reads wrong"
             );
-            assert_no_corruption(&crashed, &what);
-            let o = open_image(&crashed, true)
-                .await
-                .unwrap_or_else(|e| panic!("{what}: {e}"));
-            let got = read_all(&o, 1 << 20).await;
-            for (i, (g, want)) in got.chunks(cs).zip(src.chunks(cs)).enumerate() {
-                let ok = g == want || (i >= done && g.iter().all(|&b| b == 0));
-                assert!(
-                    ok,
-                    "{what}: cluster {i} (batches durable up to {done}) reads wrong"
-                );
-            }
         }
     }
     // The last image holds everything, packed.
@@ -395,16 +353,7 @@ async fn freeing_packed_clusters() {
     let cs = 4096usize;
     let clusters = 16;
     let src = source(cs, clusters, 0, seed);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4k",
-        &img,
-        &(2 * src.len()).to_string(),
-    ]);
+    create_qcow2(&img, "cluster_size=4k", &(2 * src.len()).to_string());
     let o = open_image(&img, false).await.unwrap();
     let mut model = vec![0u8; 2 * src.len()];
     write_all_compressed(&o.node, &src, cs).await;
@@ -444,21 +393,14 @@ async fn freeing_packed_clusters() {
     model[src.len()..src.len() + plain.len()].copy_from_slice(&plain);
     let again = &src[..4 * cs];
     let base = src.len() + 8 * cs;
-    for (j, c) in again.chunks(cs).enumerate() {
-        if c.iter().any(|&b| b != 0) {
-            o.node
-                .write_compressed((base + j * cs) as u64, IoBytes::copy_from(c))
-                .await
-                .unwrap();
-            model[base + j * cs..base + (j + 1) * cs].copy_from_slice(c);
-        }
-    }
+    write_compressed_at(&o.node, base, again, cs).await;
+    // Zero clusters were skipped, and read as the zeroes the model has.
+    model[base..base + again.len()].copy_from_slice(again);
     assert_same("before close", &read_all(&o, 1 << 20).await, &model);
     close(o).await;
-    assert_clean(&img);
     let raw = dir.path("model.raw");
     std::fs::write(&raw, &model).unwrap();
-    qemu_img(&["compare", "-f", "raw", "-F", "qcow2", &raw, &img]);
+    assert_clean_and_same_as(&raw, &img);
 }
 
 /// Compressed writes running at once (on several threads) share the
@@ -474,16 +416,7 @@ async fn concurrent_compressed_writes() {
     let cs = 4096usize;
     let src = source(cs, 64, 0, seed);
     std::fs::write(&raw, &src).unwrap();
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4k",
-        &img,
-        &src.len().to_string(),
-    ]);
+    create_qcow2(&img, "cluster_size=4k", &src.len().to_string());
     let o = open_image(&img, false).await.unwrap();
     let src = Arc::new(src);
     let tasks: Vec<_> = (0..8)
@@ -506,6 +439,5 @@ async fn concurrent_compressed_writes() {
         t.await.unwrap();
     }
     close(o).await;
-    assert_clean(&img);
-    qemu_img(&["compare", "-f", "raw", "-F", "qcow2", &raw, &img]);
+    assert_clean_and_same_as(&raw, &img);
 }

@@ -25,9 +25,7 @@ async fn copy_on_read_writes_fill_only_what_is_missing() {
     let top = dir.path("top.qcow2");
     create_qcow2(&base, "", "1M");
     qemu_io(&base, &["write -P 0x11 0 1M".into()]);
-    qemu_img(&[
-        "create", "-q", "-f", "qcow2", "-b", &base, "-F", "qcow2", &top,
-    ]);
+    create_overlay(&top, &base, "");
     // The guest wrote cluster 1 and cluster 5 before the copy-up.
     qemu_io(
         &top,

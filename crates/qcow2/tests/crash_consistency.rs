@@ -22,14 +22,12 @@ mod common;
 mod crash_recorder;
 
 use common::*;
-use crash_recorder::{add_recording_file, Crash, Durable, Event, Pick, Record};
+use crash_recorder::{qcow2_on_recorder, Crash, Durable, Event, Pick, Record};
 use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-use serde_json::{json, Value};
-use sluice_core::{Graph, IoBytes, PermPair, WriteFlags, ZeroFlags};
-use sluice_drivers::open::open_with;
-use sluice_drivers::protocol::file::CacheMode;
+use serde_json::Value;
+use sluice_core::{Graph, IoBytes, WriteFlags, ZeroFlags};
 use std::collections::{BTreeSet, HashSet};
 use std::process::Command;
 use std::sync::Arc;
@@ -175,21 +173,10 @@ fn prepare(dir: &TempDir, c: &Case) -> String {
 /// `img`'s bytes.
 async fn run_workload(c: &Case, seed: u64, img: &str) -> Run {
     let base = qemu_raw(img);
-    let bytes = std::fs::read(img).unwrap();
     let graph = Graph::new();
-    let (rec, node, root) = {
-        let w = graph.writer().await;
-        let (_file, rec) = add_recording_file(&w, "crashfile", bytes).await.unwrap();
-        let opts = json!({"driver": "qcow2", "node-name": "crashimg", "file": "crashfile"});
-        let node = open_with(&w, opts, CacheMode::WRITEBACK, false)
-            .await
-            .unwrap_or_else(|e| panic!("{}: open: {e}", c.name));
-        let root = w
-            .add_root("block device", "crash", &node, PermPair::writer())
-            .await
-            .unwrap();
-        (rec, node, root)
-    };
+    let (node, root, rec) = qcow2_on_recorder(&graph, img, Value::Null)
+        .await
+        .unwrap_or_else(|e| panic!("{}: open: {e}", c.name));
     assert_eq!(node.size(), c.size);
     let mut rng = SmallRng::seed_from_u64(seed);
     let mut model = base.clone();

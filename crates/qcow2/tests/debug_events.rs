@@ -48,9 +48,7 @@ async fn read_backing_aio_on_the_backing_child() {
     let top = dir.path("top.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", &base, "1M"]);
     qemu_io(&base, &["write -P 0x62 0 65536".into()]);
-    qemu_img(&[
-        "create", "-q", "-f", "qcow2", "-b", &base, "-F", "qcow2", &top, "1M",
-    ]);
+    create_overlay(&top, &base, "1M");
     let opts = json!({"driver": "qcow2", "file": {"driver": "file", "filename": top},
         "backing": {"driver": "blkdebug", "image": {"driver": "qcow2",
             "file": {"driver": "file", "filename": base}}}});

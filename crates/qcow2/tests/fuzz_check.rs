@@ -120,16 +120,7 @@ async fn exercise(img: String) -> [bool; 4] {
 async fn corrupted_metadata_never_panics() {
     let dir = TempDir::new("fuzz");
     let base = dir.path("base.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4096",
-        &base,
-        "8M",
-    ]);
+    create_qcow2(&base, "cluster_size=4096", "8M");
     qemu_io(
         &base,
         &[

@@ -272,34 +272,7 @@ async fn refused_changes_leave_the_image_alone() {
 }
 
 mod crash_recorder;
-use crash_recorder::{add_recording_file, Durable, Pick, Record};
-use sluice_core::PermPair;
-
-/// Runs `change` on the qcow2 image `img` held in a recording file, and
-/// returns what reached the file.
-async fn recorded<F, Fut>(img: &str, change: F) -> Record
-where
-    F: FnOnce(Arc<Node>) -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    let bytes = std::fs::read(img).unwrap();
-    let graph = Graph::new();
-    let (rec, node, _root) = {
-        let w = graph.writer().await;
-        let (_file, rec) = add_recording_file(&w, "crashfile", bytes).await.unwrap();
-        let opts = json!({"driver": "qcow2", "node-name": "crashimg", "file": "crashfile"});
-        let node = open_with(&w, opts, CacheMode::WRITEBACK, false)
-            .await
-            .unwrap();
-        let root = w
-            .add_root("block device", "crash", &node, PermPair::writer())
-            .await
-            .unwrap();
-        (rec, node, root)
-    };
-    change(node).await;
-    rec.record()
-}
+use crash_recorder::{recorded, Durable, Pick, Record};
 
 /// Every crash point of `r`, with all, none and random subsets of the
 /// unflushed writes on disk, written to `path` in turn for `verify`.
@@ -371,9 +344,7 @@ async fn resize_survives_a_crash_anywhere() {
     );
     // 1G: two L1 entries; growing to 3G needs six and zeroes the new
     // area over the larger backing file.
-    qemu_img(&[
-        "create", "-q", "-f", "qcow2", "-b", &base, "-F", "qcow2", &top, "1G",
-    ]);
+    create_overlay(&top, &base, "1G");
     qemu_io(&top, &["write -P 0x22 1M 64k".into()]);
     // Garbage in the L1 cluster past the table's two entries (QEMU never
     // reads it): the new entries must be zeroed before the header counts

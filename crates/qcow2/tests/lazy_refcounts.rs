@@ -14,16 +14,11 @@ const SIZE: u64 = 16 * MIB;
 
 fn lazy_image(dir: &TempDir, name: &str) -> String {
     let img = dir.path(name);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4096,lazy_refcounts=on",
+    create_qcow2(
         &img,
+        "cluster_size=4096,lazy_refcounts=on",
         &SIZE.to_string(),
-    ]);
+    );
     img
 }
 
@@ -167,35 +162,19 @@ async fn crash_leaves_dirty_bit_and_reopen_repairs() {
 /// ahead of its refcounts. `SLUICE_CRASH_SEED` replays.
 #[tokio::test]
 async fn crash_points_are_dirty_or_consistent() {
-    use crash_recorder::{add_recording_file, Pick};
+    use crash_recorder::{qcow2_on_recorder, sampled_crashes};
     use rand::rngs::SmallRng;
     use rand::{Rng, SeedableRng};
-    use sluice_core::{Graph, PermPair};
-    use sluice_drivers::open::open_with;
-    use sluice_drivers::protocol::file::CacheMode;
+    use sluice_core::Graph;
 
-    let seed: u64 = std::env::var("SLUICE_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(9);
+    let seed = crash_seed_or(9);
     let dir = TempDir::new("lazy-crashpoints");
     let img = lazy_image(&dir, "c.qcow2");
     let graph = Graph::new();
-    let (rec, root) = {
-        let w = graph.writer().await;
-        let bytes = std::fs::read(&img).unwrap();
-        let (_file, rec) = add_recording_file(&w, "crashfile", bytes).await.unwrap();
-        let opts = serde_json::json!({"driver": "qcow2", "node-name": "crashimg",
-            "file": "crashfile", "l2-cache-size": 2 * CS});
-        let node = open_with(&w, opts, CacheMode::WRITEBACK, false)
+    let (_node, root, rec) =
+        qcow2_on_recorder(&graph, &img, serde_json::json!({"l2-cache-size": 2 * CS}))
             .await
             .unwrap();
-        let root = w
-            .add_root("block device", "crash", &node, PermPair::writer())
-            .await
-            .unwrap();
-        (rec, root)
-    };
     let mut rng = SmallRng::seed_from_u64(seed);
     for op in 0..60 {
         let off = rng.gen_range(0..SIZE / CS) * CS;
@@ -220,19 +199,16 @@ async fn crash_points_are_dirty_or_consistent() {
     let n = record.len();
     let crash_img = dir.path("crash.qcow2");
     let mut dirty_points = 0;
-    for k in (1..=n).step_by((n / 40).max(1)).chain([n]) {
-        for pick in [Pick::All, Pick::None, Pick::Random(seed ^ k as u64)] {
-            let crash = record.crash(k, pick);
-            std::fs::write(&crash_img, &crash.image).unwrap();
-            let what = format!("seed {seed}: crash at {k}/{n} ({pick:?})");
-            if is_dirty(&crash_img) {
-                dirty_points += 1;
-                let (code, json) = qemu_check_json(&crash_img, &["-r", "all"]);
-                assert!(code == 0, "{what}: repair left: {json}");
-            } else {
-                let (code, json) = qemu_check_json(&crash_img, &[]);
-                assert!(code == 0 || code == 3, "{what}: not dirty, yet: {json}");
-            }
+    for (k, pick, image) in sampled_crashes(&record, 40, seed) {
+        std::fs::write(&crash_img, &image).unwrap();
+        let what = format!("seed {seed}: crash at {k}/{n} ({pick:?})");
+        if is_dirty(&crash_img) {
+            dirty_points += 1;
+            let (code, json) = qemu_check_json(&crash_img, &["-r", "all"]);
+            assert!(code == 0, "{what}: repair left: {json}");
+        } else {
+            let (code, json) = qemu_check_json(&crash_img, &[]);
+            assert!(code == 0 || code == 3, "{what}: not dirty, yet: {json}");
         }
     }
     assert!(dirty_points > 0, "seed {seed}: no crash point was dirty");

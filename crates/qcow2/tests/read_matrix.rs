@@ -30,16 +30,7 @@ fn workload(cs: u64, size: u64) -> Vec<String> {
 }
 
 fn create(img: &str, opts: &str, size: u64) {
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        opts,
-        img,
-        &size.to_string(),
-    ]);
+    create_qcow2(img, opts, &size.to_string());
 }
 
 /// Reads the image through sluice in two request sizes and compares with
@@ -288,18 +279,7 @@ async fn raw_base_and_probed_backing_format() {
     create(&base2, "cluster_size=4096", 2 * MIB);
     qemu_io(&base2, &["write -P 0x7c 0 10000".into()]);
     let top2 = dir.path("top2.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base2.qcow2",
-        "-F",
-        "qcow2",
-        &top2,
-        "2M",
-    ]);
+    create_overlay(&top2, "base2.qcow2", "2M");
     let h = sluice_qcow2::chain::read_header_file(&top2).unwrap();
     assert_eq!(h.backing_format.as_deref(), Some("qcow2"));
     // Rename the backing format extension to an unknown type.
@@ -325,9 +305,7 @@ async fn backing_option_overrides_the_header() {
     create(&base, "cluster_size=4096", MIB);
     qemu_io(&base, &["write -P 0x31 0 4096".into()]);
     let top = dir.path("top.qcow2");
-    qemu_img(&[
-        "create", "-q", "-f", "qcow2", "-b", &base, "-F", "qcow2", &top, "1M",
-    ]);
+    create_overlay(&top, &base, "1M");
     // backing: null — no backing file, the unallocated parts read zeroes.
     let o = open_opts(
         json!({"driver": "qcow2", "backing": null, "file": {"driver": "file", "filename": top}}),

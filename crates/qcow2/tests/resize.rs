@@ -15,12 +15,26 @@ async fn resize(o: &Opened, size: u64, prealloc: &str) -> sluice_core::Result<()
     Ok(())
 }
 
+/// How many bytes `qemu-img map` shows as data from 1 MiB on, and the
+/// map.
+fn data_from_1m(img: &str) -> (u64, Value) {
+    let map: Value = serde_json::from_str(&qemu_img(&["map", "--output=json", img])).unwrap();
+    let data = map
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["data"] == json!(true) && e["start"].as_u64().unwrap() >= 1 << 20)
+        .map(|e| e["length"].as_u64().unwrap())
+        .sum();
+    (data, map)
+}
+
 #[tokio::test]
 async fn grow_keeps_data_and_maps_the_new_area() {
     let dir = TempDir::new("resize-grow");
     let img = dir.path("img.qcow2");
     // 1 GiB: two L1 entries; 3 GiB needs six, inside the L1 cluster.
-    qemu_img(&["create", "-q", "-f", "qcow2", &img, "1G"]);
+    create_qcow2(&img, "", "1G");
     qemu_io(&img, &["write -P 0x11 1023M 1M".into()]);
     let o = open_image(&img, false).await.unwrap();
     resize(&o, 3 << 30, "off").await.unwrap();
@@ -63,12 +77,10 @@ async fn grow_over_a_larger_backing_file_reads_zeroes() {
     let base = dir.path("base.qcow2");
     let top = dir.path("top.qcow2");
     let qtop = dir.path("qtop.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", &base, "10M"]);
+    create_qcow2(&base, "", "10M");
     qemu_io(&base, &["write -P 0x11 0 10M".into()]);
     for t in [&top, &qtop] {
-        qemu_img(&[
-            "create", "-q", "-f", "qcow2", "-b", &base, "-F", "qcow2", t, "4M",
-        ]);
+        create_overlay(t, &base, "4M");
     }
     // QEMU's behaviour: the new area does not show the backing file.
     qemu_img(&["resize", "-q", &qtop, "10M"]);
@@ -97,23 +109,12 @@ async fn grow_unaligned_over_a_larger_backing_file() {
     let base = dir.path("base.qcow2");
     let top = dir.path("top.qcow2");
     let qtop = dir.path("qtop.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", &base, "12M"]);
+    create_qcow2(&base, "", "12M");
     qemu_io(&base, &["write -P 0x11 0 12M".into()]);
     let old = (4 << 20) + 512;
     let new = (10 << 20) + 512;
     for t in [&top, &qtop] {
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            &base,
-            "-F",
-            "qcow2",
-            t,
-            &old.to_string(),
-        ]);
+        create_overlay(t, &base, &old.to_string());
     }
     qemu_img(&["resize", "-q", &qtop, &new.to_string()]);
     let o = open_image(&top, false).await.unwrap();
@@ -133,19 +134,12 @@ async fn grow_unaligned_over_a_larger_backing_file() {
 async fn grow_with_full_preallocation() {
     let dir = TempDir::new("resize-full");
     let img = dir.path("img.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", &img, "1M"]);
+    create_qcow2(&img, "", "1M");
     let o = open_image(&img, false).await.unwrap();
     resize(&o, 3 << 20, "full").await.unwrap();
     drop(o);
     assert_clean(&img);
-    let map: Value = serde_json::from_str(&qemu_img(&["map", "--output=json", &img])).unwrap();
-    let allocated: u64 = map
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["data"] == json!(true) && e["start"].as_u64().unwrap() >= 1 << 20)
-        .map(|e| e["length"].as_u64().unwrap())
-        .sum();
+    let (allocated, map) = data_from_1m(&img);
     assert_eq!(allocated, 2 << 20, "new area not preallocated: {map}");
     qemu_io(&img, &["read -P 0 0 3M".into()]);
 }
@@ -154,7 +148,7 @@ async fn grow_with_full_preallocation() {
 async fn shrink_only_past_unallocated_clusters() {
     let dir = TempDir::new("resize-shrink");
     let img = dir.path("img.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", &img, "10M"]);
+    create_qcow2(&img, "", "10M");
     qemu_io(
         &img,
         &["write -P 0x33 1M 64k".into(), "write -z 6M 64k".into()],
@@ -191,20 +185,11 @@ async fn refusals_leave_the_image_alone() {
     let dir = TempDir::new("resize-refuse");
     // Snapshots: no shrinking.
     let snap = dir.path("snap.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", &snap, "10M"]);
+    create_qcow2(&snap, "", "10M");
     qemu_img(&["snapshot", "-c", "s1", &snap]);
     // Small clusters: an L1 table past the 32 MiB QEMU allows.
     let small = dir.path("small.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=512",
-        &small,
-        "1M",
-    ]);
+    create_qcow2(&small, "cluster_size=512", "1M");
     let before = (
         std::fs::read(&snap).unwrap(),
         std::fs::read(&small).unwrap(),
@@ -275,16 +260,7 @@ async fn grow_moves_the_l1_table() {
     let dir = TempDir::new("resize-move");
     for snapshot in [false, true] {
         let img = dir.path(&format!("img-{snapshot}.qcow2"));
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=512",
-            &img,
-            "1M",
-        ]);
+        create_qcow2(&img, "cluster_size=512", "1M");
         qemu_io(
             &img,
             &[
@@ -357,16 +333,7 @@ async fn grow_with_metadata_and_falloc_preallocation() {
         let q = dir.path(&format!("q-{mode}.qcow2"));
         for i in [&img, &q] {
             // 4k clusters: 2M per L2 table, so 8M needs new L2 tables.
-            qemu_img(&[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                "cluster_size=4k",
-                i,
-                "1M",
-            ]);
+            create_qcow2(i, "cluster_size=4k", "1M");
             qemu_io(i, &["write -P 0x31 0 64k".into()]);
         }
         qemu_img(&["resize", "-q", &format!("--preallocation={mode}"), &q, "9M"]);
@@ -375,14 +342,7 @@ async fn grow_with_metadata_and_falloc_preallocation() {
         close(o).await;
         assert_clean(&img);
         qemu_img(&["compare", &img, &q]);
-        let map: Value = serde_json::from_str(&qemu_img(&["map", "--output=json", &img])).unwrap();
-        let mapped: u64 = map
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|e| e["data"] == json!(true) && e["start"].as_u64().unwrap() >= 1 << 20)
-            .map(|e| e["length"].as_u64().unwrap())
-            .sum();
+        let (mapped, map) = data_from_1m(&img);
         assert_eq!(mapped, 8 << 20, "{mode}: new area not preallocated: {map}");
         let m = std::fs::metadata(&img).unwrap();
         assert!(m.len() >= 8 << 20, "{mode}: file of {} bytes", m.len());
@@ -400,44 +360,7 @@ async fn grow_with_metadata_and_falloc_preallocation() {
 }
 
 mod crash_recorder;
-use crash_recorder::{add_recording_file, Durable, Pick, Record};
-use sluice_core::{Graph, Node, PermPair};
-use sluice_drivers::open::open_with;
-use sluice_drivers::protocol::file::CacheMode;
-use std::sync::Arc;
-
-/// Random subsets of the unflushed writes tried at each crash point
-/// (besides all and none): a write that must not land before another
-/// is caught in three of four tries each.
-const RANDOM_PICKS: u64 = 8;
-
-/// Runs `change` on a writable qcow2 node over a recording file holding
-/// `img`'s bytes; returns what reached the file.
-async fn recorded<F, Fut>(img: &str, change: F) -> Record
-where
-    F: FnOnce(Arc<Node>) -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    let graph = Graph::new();
-    let (node, rec, _root) = {
-        let w = graph.writer().await;
-        let bytes = std::fs::read(img).unwrap();
-        let (_file, rec) = add_recording_file(&w, "crashfile", bytes).await.unwrap();
-        let opts = json!({"driver": "qcow2", "node-name": "crashimg", "file": "crashfile"});
-        let node = open_with(&w, opts, CacheMode::WRITEBACK, false)
-            .await
-            .unwrap();
-        let root = w
-            .add_root("block device", "crash", &node, PermPair::writer())
-            .await
-            .unwrap();
-        (node, rec, root)
-    };
-    change(node).await;
-    let r = rec.record();
-    println!("{} file events", r.len());
-    r
-}
+use crash_recorder::{crash_images, recorded, Pick, Record};
 
 /// Every crash point of `r`, with all, none and random subsets of the
 /// unflushed writes on disk: QEMU finds no corruption, the size is
@@ -452,27 +375,17 @@ async fn each_crash(
     verify: impl Fn(&str, u64, &[u8]),
 ) {
     let mut sizes = std::collections::HashSet::new();
-    let mut durable = Durable::new(r);
-    for k in 0..=r.len() {
-        durable.advance_to(r, r.durable_at(k));
-        let randoms = (0..RANDOM_PICKS).map(|i| Pick::Random(seed ^ (k as u64) << 8 ^ i));
-        for pick in [Pick::All, Pick::None].into_iter().chain(randoms) {
-            let crash = r.crash_from(&durable.image, k, pick);
-            std::fs::write(path, &crash.image).unwrap();
-            let what = format!(
-                "crash at event {k} of {}, pick {pick}, seed {seed}",
-                r.len()
-            );
-            assert_no_corruption(path, &what);
-            let size = qemu_info(path)["virtual-size"].as_u64().unwrap();
-            assert!(size == old || size == new, "{what}: size {size}");
-            sizes.insert(size);
-            let o = open_image(path, true)
-                .await
-                .unwrap_or_else(|e| panic!("{what}: {e}"));
-            let got = o.root.read(0, size as usize).await.unwrap();
-            verify(&what, size, &got);
-        }
+    for (_, what, image) in crash_images(r, seed) {
+        std::fs::write(path, &image).unwrap();
+        assert_no_corruption(path, &what);
+        let size = qemu_info(path)["virtual-size"].as_u64().unwrap();
+        assert!(size == old || size == new, "{what}: size {size}");
+        sizes.insert(size);
+        let o = open_image(path, true)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        let got = o.root.read(0, size as usize).await.unwrap();
+        verify(&what, size, &got);
     }
     assert_eq!(sizes.len(), 2, "both sizes must occur");
     let last = r.crash(r.len(), Pick::None);
@@ -488,16 +401,7 @@ async fn l1_move_survives_a_crash_anywhere() {
     let seed = crash_seed();
     let dir = TempDir::new("resize-move-crash");
     let img = dir.path("img.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=512",
-        &img,
-        "1M",
-    ]);
+    create_qcow2(&img, "cluster_size=512", "1M");
     qemu_io(
         &img,
         &["write -P 0x11 0 4k".into(), "write -P 0x12 1020k 4k".into()],
@@ -539,7 +443,7 @@ async fn metadata_preallocation_survives_a_crash_anywhere() {
     let dir = TempDir::new("resize-prealloc-crash");
     let base = dir.path("base.qcow2");
     let img = dir.path("img.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", &base, "8M"]);
+    create_qcow2(&base, "", "8M");
     qemu_io(&base, &["write -P 0x44 0 8M".into()]);
     let old = (1 << 20) + 1024;
     qemu_img(&[

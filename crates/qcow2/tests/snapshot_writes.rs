@@ -131,32 +131,18 @@ async fn writes_over_snapshots_lazy_refcounts() {
 /// flush holds exactly what was flushed. `SLUICE_CRASH_SEED` replays.
 #[tokio::test]
 async fn crash_points_keep_snapshots_intact() {
-    use crash_recorder::{add_recording_file, Pick};
+    use crash_recorder::{qcow2_on_recorder, sampled_crashes, Pick};
     use rand::rngs::SmallRng;
     use rand::{Rng, SeedableRng};
-    use sluice_core::{Graph, PermPair};
-    use sluice_drivers::open::open_with;
-    use sluice_drivers::protocol::file::CacheMode;
+    use sluice_core::Graph;
 
-    let seed: u64 = std::env::var("SLUICE_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
+    let seed = crash_seed_or(3);
     let dir = TempDir::new("snapcrash");
     let img = dir.path("c.qcow2");
     let cs = 4096u64;
     // Four L2 tables, each shared with the snapshot.
     let size = 8 * MIB;
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4096",
-        &img,
-        &size.to_string(),
-    ]);
+    create_qcow2(&img, "cluster_size=4096", &size.to_string());
     qemu_io(&img, &[format!("write -P 0x31 0 {}", size * 3 / 4)]);
     qemu_img(&["snapshot", "-c", "s1", &img]);
     let s1 = snapshot_raw(&img, "s1");
@@ -164,21 +150,9 @@ async fn crash_points_keep_snapshots_intact() {
     // (events recorded, active layer) right after each guest flush.
     let mut flushed: Vec<(usize, Vec<u8>)> = Vec::new();
     let graph = Graph::new();
-    let (rec, root) = {
-        let w = graph.writer().await;
-        let bytes = std::fs::read(&img).unwrap();
-        let (_file, rec) = add_recording_file(&w, "crashfile", bytes).await.unwrap();
-        let opts =
-            serde_json::json!({"driver": "qcow2", "node-name": "crashimg", "file": "crashfile"});
-        let node = open_with(&w, opts, CacheMode::WRITEBACK, false)
-            .await
-            .unwrap();
-        let root = w
-            .add_root("block device", "crash", &node, PermPair::writer())
-            .await
-            .unwrap();
-        (rec, root)
-    };
+    let (_node, root, rec) = qcow2_on_recorder(&graph, &img, serde_json::Value::Null)
+        .await
+        .unwrap();
     let mut rng = SmallRng::seed_from_u64(seed);
     for op in 0..100 {
         let off = rng.gen_range(0..size / 512) * 512;
@@ -222,28 +196,22 @@ async fn crash_points_keep_snapshots_intact() {
             want,
         );
     }
-    let points: Vec<usize> = (1..=n).step_by((n / 50).max(1)).chain([n]).collect();
-    for k in points {
-        for pick in [Pick::All, Pick::None, Pick::Random(seed ^ k as u64)] {
-            let crash = record.crash(k, pick);
-            std::fs::write(&crash_img, &crash.image).unwrap();
-            let (code, json) = qemu_check_json(&crash_img, &[]);
-            let v: serde_json::Value = serde_json::from_str(&json)
-                .unwrap_or_else(|e| panic!("seed {seed} k {k}: check output {json:?}: {e}"));
-            assert!(
-                (code == 0 || code == 3)
-                    && v.get("corruptions").is_none()
-                    && v["check-errors"] == 0,
-                "seed {seed}: crash at {k}/{n} ({pick:?}): {json}"
-            );
-            if pick == Pick::All {
-                continue;
-            }
-            assert_same(
-                &format!("seed {seed}: crash at {k}/{n} ({pick:?}): snapshot s1"),
-                &snapshot_raw(&crash_img, "s1"),
-                &s1,
-            );
+    for (k, pick, image) in sampled_crashes(&record, 50, seed) {
+        std::fs::write(&crash_img, &image).unwrap();
+        let (code, json) = qemu_check_json(&crash_img, &[]);
+        let v: serde_json::Value = serde_json::from_str(&json)
+            .unwrap_or_else(|e| panic!("seed {seed} k {k}: check output {json:?}: {e}"));
+        assert!(
+            (code == 0 || code == 3) && v.get("corruptions").is_none() && v["check-errors"] == 0,
+            "seed {seed}: crash at {k}/{n} ({pick:?}): {json}"
+        );
+        if pick == Pick::All {
+            continue;
         }
+        assert_same(
+            &format!("seed {seed}: crash at {k}/{n} ({pick:?}): snapshot s1"),
+            &snapshot_raw(&crash_img, "s1"),
+            &s1,
+        );
     }
 }

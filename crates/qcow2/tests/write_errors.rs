@@ -31,16 +31,7 @@ async fn errors_after_every_metadata_event() {
     let dir = TempDir::new("errors");
     for (n, event) in EVENTS.iter().enumerate() {
         let base = dir.path(&format!("b{n}.qcow2"));
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=4096",
-            &base,
-            "1M",
-        ]);
+        create_qcow2(&base, "cluster_size=4096", "1M");
         qemu_io(&base, &["write -P 0x19 0 1048576".into()]);
         let img = dir.path(&format!("e{n}.qcow2"));
         // 512-byte clusters with 64-bit refcounts: the refcount table grows

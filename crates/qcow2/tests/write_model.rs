@@ -59,16 +59,11 @@ fn prepare(dir: &TempDir, c: &Case) -> String {
         }
         Setup::Backing => {
             let base = dir.path(&format!("{}-base.qcow2", c.name));
-            qemu_img(&[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                "cluster_size=65536",
+            create_qcow2(
                 &base,
+                "cluster_size=65536",
                 &(c.size / 2 + 12345).to_string(),
-            ]);
+            );
             qemu_io(
                 &base,
                 &[
@@ -255,16 +250,7 @@ async fn run_case_with(c: Case, seed: u64, ops: usize, extra: serde_json::Value)
         let h = sluice_qcow2::chain::read_header_file(&img).unwrap();
         let original = {
             let fresh = dir.path("fresh.qcow2");
-            qemu_img(&[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                c.opts,
-                &fresh,
-                &size_str(c.size),
-            ]);
+            create_qcow2(&fresh, c.opts, &size_str(c.size));
             sluice_qcow2::chain::read_header_file(&fresh).unwrap()
         };
         assert!(
@@ -584,16 +570,7 @@ async fn concurrent_writers_on_shared_tables() {
     let img = dir.path("c.qcow2");
     let cs = 4096u64;
     let size = 2 * MIB;
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4096",
-        &img,
-        &size.to_string(),
-    ]);
+    create_qcow2(&img, "cluster_size=4096", &size.to_string());
     let o = std::sync::Arc::new(open_image(&img, false).await.unwrap());
     let mut tasks = Vec::new();
     for t in 0..4u64 {

@@ -89,6 +89,17 @@ pub fn img_create(fmt: &str, opts: &str, img: &str, size: &str) -> Line {
     l
 }
 
+/// `qemu-img create -q -f qcow2 -b BACKING -F qcow2 IMG`, which must
+/// succeed: a qcow2 overlay of the qcow2 image `backing`.
+pub fn qcow2_overlay(img: &str, backing: &str) {
+    ok(
+        "qemu-img",
+        &[
+            "create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2", img,
+        ],
+    );
+}
+
 /// `qemu-io -f qcow2 -c CMD... IMG`.
 pub fn qemu_io(img: &str, cmds: &[&str]) -> Line {
     let mut l = line(&["qemu-io", "-f", "qcow2"]);
@@ -165,6 +176,12 @@ impl Drop for Proc {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Sends `quit` and waits for the process to exit successfully.
+pub fn quit(q: &mut Qmp, p: &mut Proc) {
+    q.cmd("quit", Value::Null).unwrap();
+    assert!(p.0.wait().unwrap().success());
 }
 
 /// Starts `cmd pre...` with a QMP monitor on `dir/qmp.sock`, waits for the

@@ -205,3 +205,84 @@ pub fn assert_same(got: &[u8], want: &[u8], what: &str, seed: u64) {
         );
     }
 }
+
+/// `guest_writes` over the whole of `model`, which it keeps up to date.
+pub async fn writes_into(
+    root: &sluice_core::Root,
+    rng: &mut rand::rngs::SmallRng,
+    count: usize,
+    model: &mut [u8],
+) {
+    let disk = model.len();
+    guest_writes(root, disk, rng, count, |o, l, b| model[o..o + l].fill(b)).await;
+}
+
+/// Guest writes (`count` before the job is ready, `count` after), then
+/// completes the job: it concludes without error.
+pub async fn writes_around_ready_then_complete(
+    job: &Arc<Job>,
+    guest: &sluice_core::Root,
+    rng: &mut rand::rngs::SmallRng,
+    count: usize,
+    model: &mut [u8],
+    seed: u64,
+) {
+    writes_into(guest, rng, count, model).await;
+    job.wait_for(|s| s == sluice_jobs::JobStatus::Ready).await;
+    writes_into(guest, rng, count, model).await;
+    job.complete().unwrap();
+    assert_eq!(job.wait_concluded().await, None, "seed {seed}");
+}
+
+/// The guest reads all of `want` (see `assert_same`).
+pub async fn assert_guest_view(guest: &sluice_core::Root, want: &[u8], seed: u64) {
+    assert_same(
+        &guest.read(0, want.len()).await.unwrap(),
+        want,
+        "guest view",
+        seed,
+    );
+}
+
+/// The events received so far (see `names`) are `want`, written as one
+/// string of names separated by spaces.
+pub fn assert_names(rx: &mut UnboundedReceiver<JobEvent>, want: &str) {
+    let want: Vec<&str> = want.split_whitespace().collect();
+    assert_eq!(names(rx), want);
+}
+
+/// Starts stream `s` of `top` (to the bottom of its chain) and cancels it,
+/// forced, while its first copy is parked at breakpoint `A` on
+/// `read_backing_aio` in the blkdebug node `dbg`; the job ends
+/// cancelled.
+pub async fn stream_cancelled_at_its_first_copy(
+    jobs: &sluice_jobs::JobManager,
+    top: &Arc<sluice_core::Node>,
+    dbg: &Arc<sluice_core::Node>,
+) {
+    use sluice_jobs::stream::{self, StreamParams};
+    let ctl = dbg.driver().debug_control().unwrap();
+    ctl.set_breakpoint(sluice_core::DebugEvent::ReadBackingAio, "A")
+        .unwrap();
+    let job = stream::start(
+        jobs,
+        sluice_jobs::JobOptions::new("s"),
+        StreamParams::new(top, None),
+    )
+    .await
+    .unwrap();
+    ctl.wait_suspended("A").await;
+    job.cancel(true).await.unwrap();
+    ctl.resume("A").unwrap();
+    assert_eq!(
+        job.wait_concluded().await.as_deref(),
+        Some("Operation canceled")
+    );
+}
+
+/// `job_seed()` and a random generator seeded with it.
+pub fn seeded_rng() -> (u64, rand::rngs::SmallRng) {
+    use rand::SeedableRng;
+    let seed = job_seed();
+    (seed, rand::rngs::SmallRng::seed_from_u64(seed))
+}

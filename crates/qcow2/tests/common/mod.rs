@@ -90,6 +90,18 @@ pub fn create_qcow2(img: &str, opts: &str, size: &str) {
     qemu_img(&args);
 }
 
+/// `qemu-img create -q -f qcow2 -b BACKING -F qcow2 IMG [SIZE]`: an
+/// overlay of the qcow2 `backing` (its size when `size` is empty).
+pub fn create_overlay(img: &str, backing: &str, size: &str) {
+    let mut args = vec![
+        "create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2", img,
+    ];
+    if !size.is_empty() {
+        args.push(size);
+    }
+    qemu_img(&args);
+}
+
 /// What `qemu-img convert ARGS -O raw` makes of the image (written to
 /// `{img}.{tag}.raw`, then removed).
 fn convert_raw(img: &str, args: &[&str], tag: &str) -> Vec<u8> {
@@ -398,10 +410,18 @@ pub fn assert_no_corruption(img: &str, what: &str) {
 /// A crash test's seed: `SLUICE_CRASH_SEED` replays one, else random;
 /// printed either way.
 pub fn crash_seed() -> u64 {
-    let seed = std::env::var("SLUICE_CRASH_SEED")
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(rand::random);
+    let seed = env_crash_seed().unwrap_or_else(rand::random);
     println!("seed {seed}");
     seed
+}
+
+/// `SLUICE_CRASH_SEED` if set, else `default`.
+pub fn crash_seed_or(default: u64) -> u64 {
+    env_crash_seed().unwrap_or(default)
+}
+
+fn env_crash_seed() -> Option<u64> {
+    std::env::var("SLUICE_CRASH_SEED")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
 }

@@ -369,3 +369,105 @@ impl Durable {
         self.upto = upto;
     }
 }
+
+/// A writable qcow2 node `crashimg` (with the `extra` options, an
+/// object or null) in `graph` over a recording file `crashfile` holding
+/// `img`'s bytes, and a writer root `crash` on it.
+pub async fn qcow2_on_recorder(
+    graph: &sluice_core::Graph,
+    img: &str,
+    extra: serde_json::Value,
+) -> Result<(Arc<Node>, sluice_core::Root, Arc<Recorder>)> {
+    let w = graph.writer().await;
+    let bytes = std::fs::read(img).unwrap();
+    let (_file, rec) = add_recording_file(&w, "crashfile", bytes).await?;
+    let mut opts =
+        serde_json::json!({"driver": "qcow2", "node-name": "crashimg", "file": "crashfile"});
+    if let Some(extra) = extra.as_object() {
+        for (k, v) in extra {
+            opts[k] = v.clone();
+        }
+    }
+    let node = sluice_drivers::open::open_with(
+        &w,
+        opts,
+        sluice_drivers::protocol::file::CacheMode::WRITEBACK,
+        false,
+    )
+    .await?;
+    let root = w
+        .add_root(
+            "block device",
+            "crash",
+            &node,
+            sluice_core::PermPair::writer(),
+        )
+        .await?;
+    Ok((node, root, rec))
+}
+
+/// Runs `change` on a writable qcow2 node over a recording file holding
+/// `img`'s bytes (see `qcow2_on_recorder`); returns what reached the
+/// file.
+pub async fn recorded<F, Fut>(img: &str, change: F) -> Record
+where
+    F: FnOnce(Arc<Node>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let graph = sluice_core::Graph::new();
+    let (node, _root, rec) = qcow2_on_recorder(&graph, img, serde_json::Value::Null)
+        .await
+        .unwrap();
+    change(node).await;
+    let r = rec.record();
+    println!("{} file events", r.len());
+    r
+}
+
+/// Random subsets of the unflushed writes tried at each crash point
+/// (besides all and none): a write that must not land before another
+/// is caught in three of four tries each.
+pub const RANDOM_PICKS: u64 = 8;
+
+/// Every crash point `k` of `r` (0 to `r.len()`, in order), each with
+/// all, none and `RANDOM_PICKS` random subsets (from `seed`) of the
+/// unflushed writes on disk: `(k, what, image)`, where `what` names the
+/// crash for failure messages.
+pub fn crash_images(r: &Record, seed: u64) -> impl Iterator<Item = (usize, String, Vec<u8>)> + '_ {
+    let mut durable = Durable::new(r);
+    (0..=r.len()).flat_map(move |k| {
+        durable.advance_to(r, r.durable_at(k));
+        let randoms = (0..RANDOM_PICKS).map(|i| Pick::Random(seed ^ (k as u64) << 8 ^ i));
+        [Pick::All, Pick::None]
+            .into_iter()
+            .chain(randoms)
+            .map(|pick| {
+                let what = format!(
+                    "crash at event {k} of {}, pick {pick}, seed {seed}",
+                    r.len()
+                );
+                (k, what, r.crash_from(&durable.image, k, pick).image)
+            })
+            .collect::<Vec<_>>()
+    })
+}
+
+/// Crash points sampled from `r`: every `len / samples`-th event (at
+/// least every one) and the last, each with all, none and one random
+/// subset (from `seed`) of the unflushed writes on disk:
+/// `(k, pick, image)`.
+pub fn sampled_crashes(
+    r: &Record,
+    samples: usize,
+    seed: u64,
+) -> impl Iterator<Item = (usize, Pick, Vec<u8>)> + '_ {
+    let n = r.len();
+    (1..=n)
+        .step_by((n / samples).max(1))
+        .chain([n])
+        .flat_map(move |k| {
+            [Pick::All, Pick::None, Pick::Random(seed ^ k as u64)]
+                .into_iter()
+                .map(move |pick| (k, pick, r.crash(k, pick).image))
+        })
+}
