@@ -17,8 +17,17 @@ use sluice_jobs::{JobManager, JobOptions, JobStatus};
 /// Eight batches of the job's steps, so pause points follow the drain.
 const SIZE: u64 = 16 * MIB;
 
-#[tokio::test]
-async fn a_drain_parks_a_running_job_and_a_user_pause_outlives_it() {
+/// A stream job over `top` (backed through blkdebug by a filled image)
+/// whose first copy is parked at breakpoint "A" on the backing read.
+struct Parked {
+    graph: Graph,
+    top: std::sync::Arc<sluice_core::Node>,
+    dbg: std::sync::Arc<sluice_core::Node>,
+    job: std::sync::Arc<sluice_jobs::Job>,
+    _jobs: JobManager,
+}
+
+async fn job_parked_at_its_first_copy() -> Parked {
     let graph = Graph::new();
     let w = graph.writer().await;
     dcommon::add(
@@ -37,14 +46,39 @@ async fn a_drain_parks_a_running_job_and_a_user_pause_outlives_it() {
     .await;
     drop(w);
     let dbg = graph.node("dbg").unwrap();
-    let ctl = dbg.driver().debug_control().unwrap();
-    ctl.set_breakpoint(DebugEvent::ReadBackingAio, "A").unwrap();
-
+    dbg.driver()
+        .debug_control()
+        .unwrap()
+        .set_breakpoint(DebugEvent::ReadBackingAio, "A")
+        .unwrap();
     let jobs = JobManager::new(graph.clone());
     let job = stream::start(&jobs, JobOptions::new("s"), StreamParams::new(&top, None))
         .await
         .unwrap();
-    ctl.wait_suspended("A").await; // the job's first copy is in flight
+    dbg.driver()
+        .debug_control()
+        .unwrap()
+        .wait_suspended("A")
+        .await;
+    Parked {
+        graph,
+        top,
+        dbg,
+        job,
+        _jobs: jobs,
+    }
+}
+
+#[tokio::test]
+async fn a_drain_parks_a_running_job_and_a_user_pause_outlives_it() {
+    let Parked {
+        graph,
+        top,
+        dbg,
+        job,
+        _jobs,
+    } = job_parked_at_its_first_copy().await;
+    let ctl = dbg.driver().debug_control().unwrap();
 
     let w = graph.writer().await;
     let mut drain = Box::pin(w.drain(&top));
@@ -91,4 +125,34 @@ async fn a_drain_parks_a_running_job_and_a_user_pause_outlives_it() {
         .unwrap()
         .iter()
         .all(|&b| b == 0x5A));
+}
+
+/// Negative control: with the drain skipped, the job's next copy gets
+/// into the node while the "drained" section is held — the request the
+/// real drain parks at the root.
+#[tokio::test]
+async fn without_the_drain_the_job_keeps_copying() {
+    let Parked {
+        graph,
+        top,
+        dbg,
+        job,
+        _jobs,
+    } = job_parked_at_its_first_copy().await;
+    let ctl = dbg.driver().debug_control().unwrap();
+    let w = graph.writer().await;
+    let not_drained = w.drain_skipped_for_negative_control(&top);
+    // The next backing read stops at "B": it can only get there by
+    // entering the node that should be quiesced.
+    ctl.set_breakpoint(DebugEvent::ReadBackingAio, "B").unwrap();
+    ctl.resume("A").unwrap();
+    ctl.wait_suspended("B").await;
+    assert!(
+        top.in_flight() > 0,
+        "a job request is in the node during the section"
+    );
+    ctl.resume("B").unwrap();
+    drop(not_drained);
+    drop(w);
+    assert_eq!(job.wait_concluded().await, None);
 }
