@@ -138,6 +138,25 @@ fn lists(v: Value, path: &str) -> Result<Value, KeyvalError> {
     Ok(Value::Object(out))
 }
 
+/// Merges the options `src` into `dst`, key by key and objects
+/// recursively; `src` wins where both give a value (what `--image-opts`
+/// and `-o` overrides do to a filename's options).
+pub fn merge(dst: &mut Value, src: Value) {
+    match (dst, src) {
+        (Value::Object(d), Value::Object(s)) => {
+            for (k, v) in s {
+                match d.get_mut(&k) {
+                    Some(existing) if existing.is_object() && v.is_object() => merge(existing, v),
+                    _ => {
+                        d.insert(k, v);
+                    }
+                }
+            }
+        }
+        (d, s) => *d = s,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

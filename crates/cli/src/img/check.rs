@@ -45,17 +45,14 @@ pub fn run(args: CheckArgs) -> ExitCode {
         Some("leaks") => Some(Repair::Leaks),
         Some("all") => Some(Repair::All),
         Some(other) => {
-            common::error(&format!(
-                "--repair (-r) expects 'leaks' or 'all' not '{other}'"
-            ));
-            eprintln!("Try 'qemu-img check --help' for more info");
-            return ExitCode::from(1);
+            return common::usage(
+                "check",
+                &format!("--repair (-r) expects 'leaks' or 'all' not '{other}'"),
+            );
         }
     };
     let Some(filename) = args.filename.clone() else {
-        common::error("Expecting one image file name");
-        eprintln!("Try 'qemu-img check --help' for more info");
-        return ExitCode::from(1);
+        return common::usage("check", "Expecting one image file name");
     };
     if args.image_opts && args.format.is_some() {
         return common::fail(1, "--image-opts and --format are mutually exclusive");

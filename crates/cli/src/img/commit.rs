@@ -58,9 +58,7 @@ pub fn run(args: CommitArgs) -> ExitCode {
         Err(e) => return common::fail(1, &e),
     };
     let Some(filename) = args.filename.clone() else {
-        common::error("Expecting one image file name");
-        eprintln!("Try 'qemu-img commit --help' for more info");
-        return ExitCode::from(1);
+        return common::usage("commit", "Expecting one image file name");
     };
     let cache = match common::cache_mode(args.cache.as_deref()) {
         Ok(c) => c,

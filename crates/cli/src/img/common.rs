@@ -13,6 +13,14 @@ pub fn error(msg: &str) {
     eprintln!("qemu-img: {msg}");
 }
 
+/// A usage error of `qemu-img CMD`: the message, qemu-img's hint line,
+/// exit code 1.
+pub fn usage(cmd: &str, msg: &str) -> ExitCode {
+    error(msg);
+    eprintln!("Try 'qemu-img {cmd} --help' for more info");
+    ExitCode::from(1)
+}
+
 /// Prints the error and returns exit code `code`.
 pub fn fail(code: u8, msg: &str) -> ExitCode {
     error(msg);
@@ -115,24 +123,6 @@ impl Image {
     }
 }
 
-fn deep_merge(dst: &mut Value, src: Value) {
-    match (dst, src) {
-        (Value::Object(d), Value::Object(s)) => {
-            for (k, v) in s {
-                match d.get_mut(&k) {
-                    Some(existing) if existing.is_object() && v.is_object() => {
-                        deep_merge(existing, v)
-                    }
-                    _ => {
-                        d.insert(k, v);
-                    }
-                }
-            }
-        }
-        (d, s) => *d = s,
-    }
-}
-
 /// For the commands that work on an image's own metadata without its
 /// backing chain (check, resize, snapshot): qemu-img opens the chain all
 /// the same, so a backing file that cannot be opened fails them too
@@ -186,7 +176,7 @@ fn options_probed(spec: &OpenSpec) -> Result<(Value, Option<String>), String> {
                     .remove("driver")
                     .and_then(|d| d.as_str().map(str::to_string));
                 let mut base = sluice_drivers::open::image_options(&f, fmt.as_deref())?;
-                deep_merge(&mut base, Value::Object(o.clone()));
+                sluice_control::keyval::merge(&mut base, Value::Object(o.clone()));
                 v = base;
             }
         }
@@ -207,7 +197,7 @@ fn options_probed(spec: &OpenSpec) -> Result<(Value, Option<String>), String> {
         v["backing"] = Value::Null;
     }
     if let Some(e) = &spec.extra {
-        deep_merge(&mut v, e.clone());
+        sluice_control::keyval::merge(&mut v, e.clone());
     }
     Ok((v, probed))
 }

@@ -230,9 +230,7 @@ async fn compare(a: Side, b: Side, strict: bool, quiet: bool, progress: &Progres
 pub fn run(args: CompareArgs) -> ExitCode {
     let _ = &args.object;
     if args.files.len() != 2 {
-        common::error("Expecting two image file names");
-        eprintln!("Try 'qemu-img compare --help' for more info");
-        return ExitCode::from(1);
+        return common::usage("compare", "Expecting two image file names");
     }
     if args.image_opts && (args.fmt1.is_some() || args.fmt2.is_some()) {
         return common::fail(1, "--image-opts and -f/-F are mutually exclusive");

@@ -21,7 +21,7 @@ use super::create::{create_image, CreateRequest};
 use super::progress::Progress;
 use super::rate::{Limiter, RateLimit};
 use sluice_core::error::os_text;
-use sluice_core::{IoBytes, Root, WriteFlags, ZeroFlags};
+use sluice_core::{IoBuf, IoBytes, Root, WriteFlags, ZeroFlags};
 use sluice_drivers::protocol::file::CacheMode;
 use sluice_drivers::size::parse_size;
 use std::process::ExitCode;
@@ -241,7 +241,7 @@ async fn write_zero_range(dst: &Root, off: u64, len: u64, mode: &CopyMode) -> Re
         let mut pos = off;
         while pos < off + len {
             let n = (off + len - pos).min(CHUNK);
-            let buf = IoBytes::copy_from(&vec![0u8; n as usize]);
+            let buf = IoBuf::zeroed(n as usize).freeze();
             dst.write(pos, buf, WriteFlags::default())
                 .await
                 .map_err(|e| errno_text(&e))?;

@@ -390,9 +390,7 @@ async fn create_qcow2(req: &CreateRequest, size: u64) -> Result<(), String> {
 pub fn run(args: CreateArgs) -> ExitCode {
     let _ = &args.object;
     let Some(filename) = args.filename.clone() else {
-        common::error("Expecting image file name");
-        eprintln!("Try 'qemu-img create --help' for more info");
-        return ExitCode::from(1);
+        return common::usage("create", "Expecting image file name");
     };
     let size = match args.size.as_deref().map(parse_image_size).transpose() {
         Ok(s) => s,

@@ -323,11 +323,10 @@ pub fn output_json(output: &str, cmd: &str) -> Result<bool, ExitCode> {
     match output {
         "json" => Ok(true),
         "human" => Ok(false),
-        other => {
-            common::error(&format!("--output expects 'human' or 'json' not '{other}'"));
-            eprintln!("Try 'qemu-img {cmd} --help' for more info");
-            Err(ExitCode::from(1))
-        }
+        other => Err(common::usage(
+            cmd,
+            &format!("--output expects 'human' or 'json' not '{other}'"),
+        )),
     }
 }
 
@@ -338,9 +337,7 @@ pub fn run(args: InfoArgs) -> ExitCode {
         Err(code) => return code,
     };
     let Some(filename) = args.filename.clone() else {
-        common::error("Expecting one image file name");
-        eprintln!("Try 'qemu-img info --help' for more info");
-        return ExitCode::from(1);
+        return common::usage("info", "Expecting one image file name");
     };
     if args.image_opts && args.format.is_some() {
         return common::fail(1, "--image-opts and --format are mutually exclusive");

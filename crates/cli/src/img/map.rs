@@ -138,9 +138,7 @@ pub fn run(args: MapArgs) -> ExitCode {
         Err(_) => return common::fail(1, "Invalid max length specified"),
     };
     let Some(filename) = args.filename.clone() else {
-        common::error("Expecting one image file name");
-        eprintln!("Try 'qemu-img map --help' for more info");
-        return ExitCode::from(1);
+        return common::usage("map", "Expecting one image file name");
     };
     if args.image_opts && args.format.is_some() {
         return common::fail(1, "--image-opts and --format are mutually exclusive");

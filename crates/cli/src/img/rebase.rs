@@ -207,14 +207,13 @@ pub fn run(args: RebaseArgs) -> ExitCode {
     common::bulk_copy_writes();
     let _ = (&args.object, args.compress);
     let Some(filename) = args.filename.clone() else {
-        common::error("Expecting one image file name");
-        eprintln!("Try 'qemu-img rebase --help' for more info");
-        return ExitCode::from(1);
+        return common::usage("rebase", "Expecting one image file name");
     };
     if args.backing.is_none() && !args.unsafe_mode {
-        common::error("Must specify backing file (-b) or use unsafe mode (-u)");
-        eprintln!("Try 'qemu-img rebase --help' for more info");
-        return ExitCode::from(1);
+        return common::usage(
+            "rebase",
+            "Must specify backing file (-b) or use unsafe mode (-u)",
+        );
     }
     let backing = args.backing.clone().filter(|b| !b.is_empty());
     if let (Some(b), None) = (&backing, &args.backing_fmt) {

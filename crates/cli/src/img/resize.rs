@@ -144,9 +144,7 @@ pub fn run(args: ResizeArgs) -> ExitCode {
         Err(e) => return common::fail(1, &e),
     };
     let (Some(filename), Some(size_text)) = (p.filename.clone(), p.size.clone()) else {
-        common::error("Expecting image file name and size");
-        eprintln!("Try 'qemu-img resize --help' for more info");
-        return ExitCode::from(1);
+        return common::usage("resize", "Expecting image file name and size");
     };
     let prealloc = p.prealloc.clone().unwrap_or_else(|| "off".into());
     if !matches!(prealloc.as_str(), "off" | "metadata" | "falloc" | "full") {

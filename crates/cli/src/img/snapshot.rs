@@ -45,12 +45,6 @@ enum Action {
     Delete(String),
 }
 
-fn usage(msg: &str) -> ExitCode {
-    common::error(msg);
-    eprintln!("Try 'qemu-img snapshot --help' for more info");
-    ExitCode::from(1)
-}
-
 pub fn run(args: SnapshotArgs) -> ExitCode {
     let _ = (&args.object, args.quiet);
     let actions = usize::from(args.list)
@@ -58,10 +52,10 @@ pub fn run(args: SnapshotArgs) -> ExitCode {
         + usize::from(args.create.is_some())
         + usize::from(args.delete.is_some());
     if actions > 1 {
-        return usage("Cannot mix '-l', '-a', '-c', '-d'");
+        return common::usage("snapshot", "Cannot mix '-l', '-a', '-c', '-d'");
     }
     let [filename] = args.filenames.as_slice() else {
-        return usage("Expecting one image file name");
+        return common::usage("snapshot", "Expecting one image file name");
     };
     let action = match (&args.create, &args.apply, &args.delete) {
         (Some(c), _, _) => Action::Create(c.clone()),

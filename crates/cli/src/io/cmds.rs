@@ -1368,7 +1368,7 @@ async fn open_cmd(s: &mut Session, ct: &CmdInfo, name: &str, args: &[String]) ->
                 }
                 match sluice_control::keyval::parse(v, None) {
                     Ok(parsed) => match &mut o_opts {
-                        Some(existing) => super::deep_merge(existing, parsed),
+                        Some(existing) => sluice_control::keyval::merge(existing, parsed),
                         None => o_opts = Some(parsed),
                     },
                     Err(e) => {

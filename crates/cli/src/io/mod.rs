@@ -179,24 +179,6 @@ pub struct Session {
     pub tags: HashSet<String>,
 }
 
-fn deep_merge(dst: &mut Value, src: Value) {
-    match (dst, src) {
-        (Value::Object(d), Value::Object(s)) => {
-            for (k, v) in s {
-                match d.get_mut(&k) {
-                    Some(existing) if existing.is_object() && v.is_object() => {
-                        deep_merge(existing, v)
-                    }
-                    _ => {
-                        d.insert(k, v);
-                    }
-                }
-            }
-        }
-        (d, s) => *d = s,
-    }
-}
-
 /// The block options for `spec`, and whether the format was probed as raw.
 fn image_json(spec: &OpenSpec) -> Result<(Value, bool), String> {
     let mut probed_raw = false;
@@ -221,7 +203,7 @@ fn image_json(spec: &OpenSpec) -> Result<(Value, bool), String> {
                     // `filename=` in options: a file under the format.
                     let mut base = file_json(&f, format.as_deref(), &mut probed_raw)?;
                     o.remove("driver");
-                    deep_merge(&mut base, Value::Object(o.clone()));
+                    sluice_control::keyval::merge(&mut base, Value::Object(o.clone()));
                     return Ok((base, probed_raw));
                 }
             }
@@ -230,7 +212,7 @@ fn image_json(spec: &OpenSpec) -> Result<(Value, bool), String> {
         Some(name) => file_json(name, format.as_deref(), &mut probed_raw)?,
     };
     if let Some(e) = extra {
-        deep_merge(&mut v, e);
+        sluice_control::keyval::merge(&mut v, e);
     }
     Ok((v, probed_raw))
 }

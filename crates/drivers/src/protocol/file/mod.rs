@@ -1050,7 +1050,7 @@ impl BlockDriver for FileDriver {
             // few extents; then zeroes written over the new area.
             self.resize(size).await?;
             const CHUNK: u64 = 1 << 20;
-            let zeroes = IoBytes::copy_from(&vec![0u8; CHUNK as usize]);
+            let zeroes = IoBuf::zeroed(CHUNK as usize).freeze();
             let mut at = old;
             let mut res = Ok(());
             while at < size && res.is_ok() {
